@@ -1,0 +1,3 @@
+from o7s_cluster.cli import main
+
+raise SystemExit(main())
