@@ -1,0 +1,456 @@
+"""Sans-IO SCRAM-SHA-256 (RFC 5802 / RFC 7677) as PostgreSQL speaks it, plus md5 password hashing.
+
+No sockets, no trio: every function takes and returns bytes, so the state machines can be tested and
+fuzzed alone.
+
+Server side (clients authenticating to O7s)::
+
+    srv = ScramServer(verifier_or_None, mock_secret=..., username_hint=org_name)
+    server_first = srv.handle_client_first(sasl_initial_response_data)
+    server_final = srv.handle_client_final(sasl_response_data)   # raises ScramError on a bad proof
+
+Client side (O7s authenticating to a backend)::
+
+    cli = ScramClient(password)
+    first = cli.client_first()
+    final = cli.handle_server_first(auth_sasl_continue_data)
+    cli.verify_server_final(auth_sasl_final_data)
+
+Differences from the RFC that PostgreSQL also makes: the user name in the client-first-message is
+ignored (the startup packet names the user), the password goes through SASLprep but is used unchanged
+when it is not valid for SASLprep, and a user without a verifier gets a mock exchange that only fails
+at the proof, so an unknown user cannot be told from a wrong password.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import stringprep
+import unicodedata
+
+__all__ = [
+    "MECHANISM",
+    "ScramClient",
+    "ScramError",
+    "ScramServer",
+    "make_verifier",
+    "md5_password",
+    "parse_verifier",
+    "saslprep",
+]
+
+MECHANISM = "SCRAM-SHA-256"
+
+DEFAULT_ITERATIONS = 4096
+SALT_LEN = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
+NONCE_RAW_LEN = 18  # PostgreSQL's SCRAM_RAW_NONCE_LEN; 24 characters once base64-encoded
+KEY_LEN = 32  # SHA-256 output
+
+# Caps on what we accept from the wire. Real messages are ~100 bytes.
+MAX_CLIENT_FIRST = 2048
+MAX_CLIENT_FINAL = 2048
+MAX_SERVER_FIRST = 2048
+MAX_SERVER_FINAL = 1024
+MAX_NONCE = 512
+MAX_SALT_B64 = 512
+MAX_ITERATIONS = 1_000_000  # client side: refuse a server that asks for more work than this
+MAX_VERIFIER_ITERATIONS = 10_000_000
+
+
+class ScramError(Exception):
+    """Any failure of a SCRAM exchange: malformed message, bad proof, server error, wrong state."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Primitives
+
+
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _h(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _b64decode(data: bytes | str, what: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ScramError(f"malformed SCRAM message: invalid base64 in {what}") from e
+
+
+def _password_bytes(password: str) -> bytes:
+    return saslprep(password).encode("utf-8", "surrogatepass")
+
+
+def _salted_password(password: str, salt: bytes, iterations: int) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", _password_bytes(password), salt, iterations)
+
+
+def _keys(salted: bytes) -> tuple[bytes, bytes, bytes]:
+    """(ClientKey, StoredKey, ServerKey) from SaltedPassword."""
+    client_key = _hmac(salted, b"Client Key")
+    return client_key, _h(client_key), _hmac(salted, b"Server Key")
+
+
+def _make_nonce() -> bytes:
+    return base64.b64encode(secrets.token_bytes(NONCE_RAW_LEN))
+
+
+def _is_printable_nonce(nonce: bytes) -> bool:
+    # RFC 5802: printable = %x21-2B / %x2D-7E (printable ASCII except ",")
+    return bool(nonce) and all(0x21 <= c <= 0x7E and c != 0x2C for c in nonce)
+
+
+# --------------------------------------------------------------------------------------------------
+# SASLprep (RFC 4013), the way PostgreSQL's pg_saslprep() does it
+
+
+def _prohibited(c: str) -> bool:
+    return (
+        stringprep.in_table_c12(c)
+        or stringprep.in_table_c21_c22(c)
+        or stringprep.in_table_c3(c)
+        or stringprep.in_table_c4(c)
+        or stringprep.in_table_c5(c)
+        or stringprep.in_table_c6(c)
+        or stringprep.in_table_c7(c)
+        or stringprep.in_table_c8(c)
+        or stringprep.in_table_c9(c)
+        or stringprep.in_table_a1(c)  # stored strings: unassigned code points are prohibited
+    )
+
+
+def saslprep(password: str) -> str:
+    """SASLprep a password; like PostgreSQL, return it unchanged if it is not valid for SASLprep.
+
+    Pure-ASCII input is returned unchanged (PostgreSQL's fast path, which also lets ASCII control
+    characters through).
+    """
+    if password.isascii():
+        return password
+    mapped = []
+    for c in password:
+        if stringprep.in_table_c12(c):
+            mapped.append(" ")
+        elif stringprep.in_table_b1(c):
+            continue
+        else:
+            mapped.append(c)
+    if not mapped:
+        return password  # empty after mapping: prohibited, use the original
+    try:
+        out = unicodedata.normalize("NFKC", "".join(mapped))
+    except (ValueError, UnicodeError):  # pragma: no cover - lone surrogates normalise fine in CPython
+        return password
+    if any(_prohibited(c) for c in out):
+        return password
+    if any(stringprep.in_table_d1(c) for c in out):
+        if any(stringprep.in_table_d2(c) for c in out):
+            return password
+        if not (stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1])):
+            return password
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Verifiers
+
+
+def make_verifier(password: str, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS) -> str:
+    """A SCRAM-SHA-256 verifier in PostgreSQL's `rolpassword` format.
+
+    ``SCRAM-SHA-256$<iterations>:<base64 salt>$<base64 StoredKey>:<base64 ServerKey>``
+    """
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError("iterations must be a positive integer")
+    if salt is None:
+        salt = secrets.token_bytes(SALT_LEN)
+    if not salt:
+        raise ValueError("salt must not be empty")
+    _, stored_key, server_key = _keys(_salted_password(password, salt, iterations))
+    return f"{MECHANISM}${iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def parse_verifier(s: str) -> tuple[int, bytes, bytes, bytes]:
+    """(iterations, salt, stored_key, server_key) from a verifier; ValueError if it is not one."""
+    if not isinstance(s, str):
+        raise ValueError("verifier must be a string")
+    parts = s.split("$")
+    if len(parts) != 3 or parts[0] != MECHANISM:
+        raise ValueError("not a SCRAM-SHA-256 verifier")
+    iter_salt = parts[1].split(":")
+    keys = parts[2].split(":")
+    if len(iter_salt) != 2 or len(keys) != 2:
+        raise ValueError("malformed SCRAM-SHA-256 verifier")
+    it_s, salt_s = iter_salt
+    if not it_s.isascii() or not it_s.isdigit() or len(it_s) > 9:
+        raise ValueError("malformed iteration count in SCRAM-SHA-256 verifier")
+    iterations = int(it_s)
+    if not 1 <= iterations <= MAX_VERIFIER_ITERATIONS:
+        raise ValueError("iteration count out of range in SCRAM-SHA-256 verifier")
+    try:
+        salt = base64.b64decode(salt_s, validate=True)
+        stored_key = base64.b64decode(keys[0], validate=True)
+        server_key = base64.b64decode(keys[1], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("invalid base64 in SCRAM-SHA-256 verifier") from e
+    if not salt:
+        raise ValueError("empty salt in SCRAM-SHA-256 verifier")
+    if len(stored_key) != KEY_LEN or len(server_key) != KEY_LEN:
+        raise ValueError("wrong key length in SCRAM-SHA-256 verifier")
+    return iterations, salt, stored_key, server_key
+
+
+# --------------------------------------------------------------------------------------------------
+# md5 (backend auth with AuthenticationMD5Password)
+
+
+def md5_password(user: str, password: str, salt: bytes) -> bytes:
+    """The PasswordMessage payload (without its NUL) for AuthenticationMD5Password."""
+    inner = hashlib.md5(password.encode("utf-8") + user.encode("utf-8")).hexdigest()
+    return b"md5" + hashlib.md5(inner.encode("ascii") + salt).hexdigest().encode("ascii")
+
+
+# --------------------------------------------------------------------------------------------------
+# Message parsing helpers
+
+
+def _split_attrs(msg: bytes) -> list[tuple[bytes, bytes]]:
+    """Split `a=...,b=...` into [(b"a", b"..."), ...]; ScramError if any part is not `x=value`."""
+    out = []
+    for part in msg.split(b","):
+        if len(part) < 2 or part[1:2] != b"=" or not (0x41 <= part[0] <= 0x5A or 0x61 <= part[0] <= 0x7A):
+            raise ScramError("malformed SCRAM message: expected attribute=value")
+        out.append((part[0:1], part[2:]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Server
+
+
+class ScramServer:
+    """Server side of SCRAM-SHA-256, one exchange per instance.
+
+    ``verifier=None`` runs a mock exchange (unknown user): the server-first-message has the same
+    shape, with a salt derived from HMAC(mock_secret, username_hint), and the exchange always fails
+    at the proof with the same error as a wrong password.
+    """
+
+    AUTH_FAILED = "password authentication failed"
+
+    def __init__(
+        self,
+        verifier: str | None,
+        *,
+        mock_secret: bytes,
+        username_hint: str,
+        server_nonce: bytes | None = None,
+    ) -> None:
+        self._doomed = verifier is None
+        if verifier is None:
+            hint = username_hint.encode("utf-8", "surrogatepass")
+            self._iterations = DEFAULT_ITERATIONS
+            self._salt = _hmac(mock_secret, b"o7s-scram-mock-salt\x00" + hint)[:SALT_LEN]
+            self._stored_key = _hmac(mock_secret, b"o7s-scram-mock-stored\x00" + hint)
+            self._server_key = _hmac(mock_secret, b"o7s-scram-mock-server\x00" + hint)
+        else:
+            try:
+                self._iterations, self._salt, self._stored_key, self._server_key = parse_verifier(verifier)
+            except ValueError as e:
+                raise ScramError(f"unusable SCRAM verifier: {e}") from e
+        self._server_nonce = server_nonce if server_nonce is not None else _make_nonce()
+        if not _is_printable_nonce(self._server_nonce):
+            raise ValueError("server nonce must be printable ASCII without ','")
+        self._state = "first"
+        self._gs2_header = b""
+        self._client_first_bare = b""
+        self._server_first = b""
+        self._nonce = b""
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def _fail(self, msg: str) -> ScramError:
+        self._state = "failed"
+        return ScramError(msg)
+
+    def handle_client_first(self, data: bytes) -> bytes:
+        """Parse the client-first-message (SASLInitialResponse data); return the server-first-message."""
+        if self._state != "first":
+            raise self._fail("SCRAM client-first-message out of order")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._fail("malformed SCRAM message")
+        data = bytes(data)
+        if len(data) > MAX_CLIENT_FIRST:
+            raise self._fail("SCRAM client-first-message too long")
+        # gs2-header = gs2-cbind-flag "," [ authzid ] ","
+        flag = data[:1]
+        if flag == b"p":
+            raise self._fail(
+                "channel binding is not supported: the server does not offer SCRAM-SHA-256-PLUS"
+            )
+        if flag not in (b"n", b"y") or data[1:2] != b",":
+            raise self._fail("malformed SCRAM message: invalid GS2 header")
+        if data[2:4] == b"a=":
+            raise self._fail("SCRAM authorization identity (authzid) is not supported")
+        if data[2:3] != b",":
+            raise self._fail("malformed SCRAM message: invalid GS2 header")
+        self._gs2_header = data[:3]
+        bare = data[3:]
+        attrs = _split_attrs(bare)
+        if attrs[0][0] == b"m":
+            raise self._fail("SCRAM mandatory extensions are not supported")
+        if attrs[0][0] != b"n" or len(attrs) < 2 or attrs[1][0] != b"r":
+            raise self._fail("malformed SCRAM message: expected n= and r= attributes")
+        client_nonce = attrs[1][1]
+        if len(client_nonce) > MAX_NONCE or not _is_printable_nonce(client_nonce):
+            raise self._fail("malformed SCRAM message: invalid client nonce")
+        # Further attributes are extensions, ignored as PostgreSQL does.
+        self._client_first_bare = bare
+        self._nonce = client_nonce + self._server_nonce
+        self._server_first = (
+            b"r=" + self._nonce + b",s=" + base64.b64encode(self._salt) + b",i=" + str(self._iterations).encode()
+        )
+        self._state = "final"
+        return self._server_first
+
+    def handle_client_final(self, data: bytes) -> bytes:
+        """Verify the client-final-message (SASLResponse data); return the server-final-message."""
+        if self._state != "final":
+            raise self._fail("SCRAM client-final-message out of order")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._fail("malformed SCRAM message")
+        data = bytes(data)
+        if len(data) > MAX_CLIENT_FINAL:
+            raise self._fail("SCRAM client-final-message too long")
+        attrs = _split_attrs(data)
+        if len(attrs) < 3 or attrs[0][0] != b"c" or attrs[1][0] != b"r" or attrs[-1][0] != b"p":
+            raise self._fail("malformed SCRAM message: expected c=, r= and p= attributes")
+        if any(k == b"p" for k, _ in attrs[:-1]):
+            raise self._fail("malformed SCRAM message: proof must be the last attribute")
+        cbind = _b64decode(attrs[0][1], "channel binding")
+        if cbind != self._gs2_header:
+            raise self._fail("SCRAM channel binding check failed")
+        if not hmac.compare_digest(attrs[1][1], self._nonce):
+            raise self._fail("SCRAM nonce mismatch")
+        proof = _b64decode(attrs[-1][1], "proof")
+        if len(proof) != KEY_LEN:
+            raise self._fail("malformed SCRAM message: wrong proof length")
+        without_proof = data[: data.rindex(b",p=")]
+        auth_message = self._client_first_bare + b"," + self._server_first + b"," + without_proof
+        client_signature = _hmac(self._stored_key, auth_message)
+        client_key = _xor(proof, client_signature)
+        ok = hmac.compare_digest(_h(client_key), self._stored_key)
+        if not ok or self._doomed:
+            raise self._fail(self.AUTH_FAILED)
+        self._state = "done"
+        return b"v=" + base64.b64encode(_hmac(self._server_key, auth_message))
+
+
+# --------------------------------------------------------------------------------------------------
+# Client
+
+
+class ScramClient:
+    """Client side of SCRAM-SHA-256 (no channel binding), as libpq does it."""
+
+    def __init__(self, password: str, *, client_nonce: bytes | None = None) -> None:
+        self._password = password
+        self._client_nonce = client_nonce if client_nonce is not None else _make_nonce()
+        if not _is_printable_nonce(self._client_nonce):
+            raise ValueError("client nonce must be printable ASCII without ','")
+        self._state = "start"
+        self._client_first_bare = b"n=,r=" + self._client_nonce
+        self._server_signature = b""
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def _fail(self, msg: str) -> ScramError:
+        self._state = "failed"
+        return ScramError(msg)
+
+    def client_first(self) -> bytes:
+        if self._state != "start":
+            raise self._fail("SCRAM client-first-message already sent")
+        self._state = "first_sent"
+        return b"n,," + self._client_first_bare
+
+    def handle_server_first(self, data: bytes) -> bytes:
+        """Parse the server-first-message (AuthenticationSASLContinue); return the client-final-message."""
+        if self._state != "first_sent":
+            raise self._fail("SCRAM server-first-message out of order")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._fail("malformed SCRAM message")
+        data = bytes(data)
+        if len(data) > MAX_SERVER_FIRST:
+            raise self._fail("SCRAM server-first-message too long")
+        if data.startswith(b"e="):
+            raise self._fail(f"SCRAM error from server: {data[2:200].decode('ascii', 'replace')}")
+        attrs = _split_attrs(data)
+        if attrs[0][0] == b"m":
+            raise self._fail("SCRAM mandatory extensions are not supported")
+        if len(attrs) < 3 or [k for k, _ in attrs[:3]] != [b"r", b"s", b"i"]:
+            raise self._fail("malformed SCRAM server-first-message")
+        nonce, salt_b64, iter_s = attrs[0][1], attrs[1][1], attrs[2][1]
+        if (
+            len(nonce) > MAX_NONCE
+            or not _is_printable_nonce(nonce)
+            or not nonce.startswith(self._client_nonce)
+            or len(nonce) == len(self._client_nonce)
+        ):
+            raise self._fail("SCRAM server nonce is invalid")
+        if len(salt_b64) > MAX_SALT_B64:
+            raise self._fail("SCRAM salt too long")
+        salt = _b64decode(salt_b64, "salt")
+        if not salt:
+            raise self._fail("SCRAM salt is empty")
+        if not iter_s.isdigit() or len(iter_s) > 9:
+            raise self._fail("malformed SCRAM iteration count")
+        iterations = int(iter_s)
+        if not 1 <= iterations <= MAX_ITERATIONS:
+            raise self._fail(f"SCRAM iteration count {iterations} out of range")
+        salted = _salted_password(self._password, salt, iterations)
+        client_key, stored_key, server_key = _keys(salted)
+        without_proof = b"c=biws,r=" + nonce  # biws = base64("n,,")
+        auth_message = self._client_first_bare + b"," + data + b"," + without_proof
+        proof = _xor(client_key, _hmac(stored_key, auth_message))
+        self._server_signature = _hmac(server_key, auth_message)
+        self._state = "final_sent"
+        return without_proof + b",p=" + base64.b64encode(proof)
+
+    def verify_server_final(self, data: bytes) -> None:
+        """Check the server-final-message (AuthenticationSASLFinal); ScramError if it is wrong."""
+        if self._state != "final_sent":
+            raise self._fail("SCRAM server-final-message out of order")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._fail("malformed SCRAM message")
+        data = bytes(data)
+        if len(data) > MAX_SERVER_FINAL:
+            raise self._fail("SCRAM server-final-message too long")
+        if data.startswith(b"e="):
+            raise self._fail(f"SCRAM error from server: {data[2:200].decode('ascii', 'replace')}")
+        if not data.startswith(b"v="):
+            raise self._fail("malformed SCRAM server-final-message")
+        value = data[2:].split(b",", 1)[0]  # extensions after v= are ignored
+        signature = _b64decode(value, "server signature")
+        if not hmac.compare_digest(signature, self._server_signature):
+            raise self._fail("SCRAM server signature mismatch: the server does not know the password")
+        self._state = "done"
