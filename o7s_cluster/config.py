@@ -1,0 +1,176 @@
+"""`o7s serve` settings: defaults < TOML file < O7S_* environment < command-line flags.
+
+Every value is checked here, once, so a typo is a one-line error at start-up, not a surprise later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POOL_MODES = ("transaction", "session")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the setting and where it came from, never a secret."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6432
+    pool_mode: str = "transaction"
+    platform_dsn: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    startup_timeout: float = 10.0  # seconds a client may take to finish startup and auth
+    pool_timeout: float = 5.0  # bounded wait for a free backend connection
+    server_idle_timeout: float = 300.0  # idle backend connections are closed after this
+    server_connect_timeout: float = 5.0
+    max_message_size: int = 64 * 1024 * 1024  # cap for any length read from the wire
+    catalog_ttl: float = 5.0  # seconds control-plane answers are cached per worker
+    log_level: str = "info"
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2, "gb": 1024**3, "gib": 1024**3}
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT, [v6]:PORT, :PORT or PORT."""
+    v = str(value).strip()
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", v)
+    if not m:
+        raise ValueError(f"expected HOST:PORT, got {v!r}")
+    host = m.group(1) or m.group(3) or ""
+    port = int(m.group(2) or m.group(4) or m.group(5))
+    return host or "0.0.0.0", port
+
+
+def _duration(v: Any) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    m = _DURATION.match(str(v))
+    if not m:
+        raise ValueError(f"expected seconds (e.g. 5, 1.5, 500ms, 2m), got {v!r}")
+    return float(m.group(1)) * {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _size(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    m = _SIZE.match(str(v))
+    if not m:
+        raise ValueError(f"expected a size in bytes (e.g. 67108864, 64MiB), got {v!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2) and m.group(2).lower()]
+
+
+def _convert(name: str, value: Any) -> Any:
+    if name == "listen_port":
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"expected a port number, got {value!r}")
+        return int(value)
+    if name == "max_message_size":
+        return _size(value)
+    if name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout", "catalog_ttl"):
+        return _duration(value)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key"):
+        return value.strip() or None
+    return value.strip()
+
+
+def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
+    for key, raw in source.items():
+        if raw is None:
+            continue
+        name = key.replace("-", "_")
+        try:
+            if name == "listen":
+                values["listen_host"], values["listen_port"] = parse_listen(raw)
+                continue
+            if name not in _FIELDS:
+                raise ConfigError(f"{origin}: unknown setting {key!r}")
+            values[name] = _convert(name, raw)
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            shown = "" if name in ("platform_dsn", "secret_key") else f": {e}"
+            raise ConfigError(f"{origin}: invalid {key}{shown}") from None
+
+
+def _validate(s: Settings) -> None:
+    if s.pool_mode not in POOL_MODES:
+        raise ConfigError(f"pool_mode must be one of {', '.join(POOL_MODES)}, not {s.pool_mode!r}")
+    if s.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {s.log_level!r}")
+    if not 0 <= s.listen_port <= 65535:
+        raise ConfigError(f"listen port must be 0-65535, not {s.listen_port}")
+    for name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name} must be greater than 0")
+    if s.catalog_ttl < 0:
+        raise ConfigError("catalog_ttl must not be negative")
+    if not 1024 <= s.max_message_size <= 1024**3:
+        raise ConfigError("max_message_size must be between 1KiB and 1GiB")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigError("tls_cert and tls_key must be given together")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(s, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{name}: no such file: {path}")
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    out = {name: env[f"O7S_{name.upper()}"] for name in [*_FIELDS, "listen"] if env.get(f"O7S_{name.upper()}")}
+    if "platform_dsn" not in out and env.get("DATABASE_URL"):
+        out["platform_dsn"] = env["DATABASE_URL"]
+    return out
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from every source; `overrides` are the CLI flags (None means not given)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_path or env.get("O7S_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        data = data.get("o7s", data)  # both a top-level table and [o7s] work
+        _apply(values, data, f"config file {path}")
+    _apply(values, _from_env(env), "environment")
+    _apply(values, overrides or {}, "command line")
+    s = Settings(**values)
+    s = dataclasses.replace(s, log_level=s.log_level.lower())
+    _validate(s)
+    return s
