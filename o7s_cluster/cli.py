@@ -148,9 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
     }
     settings = load_settings(args.config, overrides=flags)
-    from o7s_cluster import server  # the data path; imported only when serving
-
     if settings.platform_dsn is None:
+        from o7s_cluster import server  # the data path; imported only when serving
         from o7s_cluster.embedded import embedded_platform
 
         with embedded_platform(settings) as (settings, psql_line):
@@ -159,6 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.run(settings)
         return 0
     Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
+    from o7s_cluster import server
+
     server.run(settings)
     return 0
 

@@ -103,10 +103,11 @@ def _convert(name: str, value: Any) -> Any:
 
 
 def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
+    """`source` maps how the user spelled a setting (a TOML key, O7S_POOL_MODE, pool_mode) to its value."""
     for key, raw in source.items():
         if raw is None:
             continue
-        name = key.replace("-", "_")
+        name = _ENV_NAMES.get(key) or key.replace("-", "_")
         try:
             if name == "listen":
                 values["listen_host"], values["listen_port"] = parse_listen(raw)
@@ -143,10 +144,13 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name}: no such file: {path}")
 
 
+_ENV_NAMES = {f"O7S_{n.upper()}": n for n in [*_FIELDS, "listen"]} | {"DATABASE_URL": "platform_dsn"}
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
-    out = {name: env[f"O7S_{name.upper()}"] for name in [*_FIELDS, "listen"] if env.get(f"O7S_{name.upper()}")}
-    if "platform_dsn" not in out and env.get("DATABASE_URL"):
-        out["platform_dsn"] = env["DATABASE_URL"]
+    out = {var: env[var] for var in _ENV_NAMES if env.get(var) and var != "DATABASE_URL"}
+    if "O7S_PLATFORM_DSN" not in out and env.get("DATABASE_URL"):
+        out["DATABASE_URL"] = env["DATABASE_URL"]
     return out
 
 
