@@ -222,3 +222,153 @@ def proxy(request, migrated, tmp_path_factory) -> Iterator[Proxy]:
     p = start_proxy(migrated, tmp_path_factory.mktemp("proxy"), "--pool-mode", request.param)
     yield p
     stop_proxy(p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Added for the end-to-end proxy tests (test_proxy_*.py, test_isolation.py, test_faults.py).
+
+import struct  # noqa: E402
+
+
+@pytest.fixture
+def pool_mode(request) -> str:
+    """The pool mode the module's `proxy` was started with (modules parametrise it indirectly)."""
+    callspec = getattr(request.node, "callspec", None)
+    return callspec.params.get("proxy", "transaction") if callspec else "transaction"
+
+
+def serve_help(env: dict[str, str]) -> str:
+    """`o7s serve --help`, to find out which optional flags this build has."""
+    proc = run_o7s(env, "serve", "--help", check=False)
+    return proc.stdout + proc.stderr
+
+
+PROTOCOL_3 = 196608
+
+
+class RawPG:
+    """A minimal blocking frontend over a raw socket: exact control of the bytes and exact error fields."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RawPG":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_startup(self, params: dict[str, str], version: int = PROTOCOL_3) -> None:
+        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+        self.sock.sendall(struct.pack("!II", 8 + len(body), version) + body)
+
+    def send(self, mtype: bytes, payload: bytes = b"") -> None:
+        self.sock.sendall(mtype + struct.pack("!I", 4 + len(payload)) + payload)
+
+    def _exact(self, n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    def recv(self) -> tuple[bytes, bytes] | None:
+        """One backend message (type, body), or None at EOF."""
+        hdr = self._exact(5)
+        if hdr is None:
+            return None
+        (ln,) = struct.unpack("!I", hdr[1:])
+        body = self._exact(ln - 4)
+        if body is None:
+            return None
+        return hdr[:1], body
+
+    def recv_until(self, types: bytes = b"ZE") -> list[tuple[bytes, bytes]]:
+        out = []
+        while True:
+            m = self.recv()
+            if m is None:
+                return out
+            out.append(m)
+            if m[0] in types:
+                return out
+
+    def is_closed(self, timeout: float = 5.0) -> bool:
+        """True if the peer closes the connection (after any pending messages) within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                m = self.recv()
+                if m is None:
+                    return True
+        except (socket.timeout, TimeoutError):
+            return False
+        except OSError:
+            return True
+
+    def login(self, user: str, password: str, dbname: str, **params: str) -> list[tuple[bytes, bytes]]:
+        """Startup + authentication (SCRAM with our client, md5, cleartext); messages up to Z or E."""
+        from o7s_cluster.pgwire.scram import ScramClient, md5_password
+
+        self.send_startup({"user": user, "database": dbname, **params})
+        seen: list[tuple[bytes, bytes]] = []
+        scram = None
+        while True:
+            m = self.recv()
+            if m is None:
+                return seen
+            seen.append(m)
+            t, body = m
+            if t == b"E" or t == b"Z":
+                return seen
+            if t != b"R":
+                continue
+            (code,) = struct.unpack("!I", body[:4])
+            if code == 10:
+                scram = ScramClient(password)
+                first = scram.client_first()
+                payload = b"SCRAM-SHA-256\0" + struct.pack("!I", len(first)) + first
+                self.send(b"p", payload)
+            elif code == 11:
+                self.send(b"p", scram.handle_server_first(body[4:]))
+            elif code == 12:
+                scram.verify_server_final(body[4:])
+            elif code == 5:
+                self.send(b"p", md5_password(user, password, body[4:8]) + b"\0")
+            elif code == 3:
+                self.send(b"p", password.encode() + b"\0")
+
+    def simple_query(self, sql: str) -> list[tuple[bytes, bytes]]:
+        self.send(b"Q", sql.encode() + b"\0")
+        out = []
+        while True:
+            m = self.recv()
+            if m is None:
+                return out
+            out.append(m)
+            if m[0] == b"Z":
+                return out
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse body → {field code: value} (S, V, C, M, D, H, ...)."""
+    out = {}
+    for part in body.split(b"\0"):
+        if part:
+            out[part[:1].decode()] = part[1:].decode("utf-8", "replace")
+    return out
+
+
+def first_error(msgs: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
+    for t, body in msgs:
+        if t == b"E":
+            return error_fields(body)
+    return None
