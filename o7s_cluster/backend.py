@@ -1,0 +1,281 @@
+"""Backend connections: connect, TLS as the DSN's sslmode says, authenticate, and stay checkable."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+import struct
+import time
+from collections import OrderedDict
+
+import trio
+
+from o7s_cluster.dsn import BackendTarget
+from o7s_cluster.pgwire import messages as m
+from o7s_cluster.pgwire.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, ProtocolViolation
+from o7s_cluster.pgwire.framing import MessageReader
+from o7s_cluster.pgwire.scram import ScramClient, ScramError, md5_password
+
+# Backends are trusted more than clients, but a length is still capped: PostgreSQL's own 1 GiB.
+MAX_BACKEND_MESSAGE = 1 << 30
+_I32 = struct.Struct("!i")
+
+
+class BackendError(Exception):
+    """A backend could not be reached or used. `reason` is safe to show the org (no DSN, no secret)."""
+
+    def __init__(self, reason: str, sqlstate: str = CONNECTION_FAILURE) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sqlstate = sqlstate
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "host unreachable"
+    if isinstance(exc, socket.gaierror):
+        return "host name could not be resolved"
+    return "network error"
+
+
+class BackendConn:
+    """One authenticated server connection; `prepared` remembers which statements it holds."""
+
+    __slots__ = ("stream", "raw", "tls", "reader", "params", "pid", "secret", "target",
+                 "prepared", "created", "last_used", "applied", "initial_params")
+
+    def __init__(self, stream: trio.abc.Stream, raw: socket.socket, tls: bool, target: BackendTarget) -> None:
+        self.stream = stream
+        self.raw = raw
+        self.tls = tls
+        self.target = target
+        self.reader = MessageReader(MAX_BACKEND_MESSAGE)
+        self.params: dict[str, str] = {}        # name as the server reported it -> value
+        self.applied: dict[str, str] = {}       # lower-cased name -> value O7s set that the server does not report
+        self.initial_params: dict[str, str] = {}  # what the server reported at start-up
+        self.pid = 0
+        self.secret = 0
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()
+        self.created = self.last_used = time.monotonic()
+
+    def looks_alive(self) -> bool:
+        """Cheap check, no round trip: an idle server connection has nothing to say unless it is gone."""
+        try:
+            data = self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        # Plain: an idle server only speaks to say it is terminating us. TLS may carry session tickets.
+        return self.tls
+
+    async def send(self, data: bytes | bytearray) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_messages(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise BackendError("the database server closed the connection")
+        self.reader.feed(data)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.send_all(m.terminate())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            await trio.aclose_forcefully(self.stream)
+
+    async def query_until_ready(self, sql: str, timeout: float = 5.0) -> str:
+        """Run a housekeeping statement; returns its last command tag. Raises BackendError on failure."""
+        await self.send(m.query(sql))
+        tag = ""
+        error: dict[str, str] | None = None
+        with trio.fail_after(timeout):
+            while True:
+                msg = self.reader.next()
+                if msg is None:
+                    await self.receive_messages()
+                    continue
+                t, s, e = msg
+                if t == 0x5A:  # ReadyForQuery
+                    break
+                if t == 0x43:
+                    tag = m.command_tag(self.reader.payload(s, e))
+                elif t == 0x53:
+                    k, v = m.parse_parameter_status(self.reader.payload(s, e))
+                    self.params[k] = v
+                elif t == 0x45:
+                    error = m.parse_error_fields(self.reader.payload(s, e))
+        if error is not None:
+            raise BackendError(f"{error.get('C', '')} {error.get('M', '')}".strip(), error.get("C", CONNECTION_FAILURE))
+        if tag in ("DISCARD ALL", "DEALLOCATE ALL"):
+            self.prepared.clear()
+        return tag
+
+
+def _tls_context(sslmode: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if sslmode in ("prefer", "require", "allow"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif sslmode == "verify-ca":
+        ctx.check_hostname = False
+    return ctx
+
+
+async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise BackendError("the database server closed the connection during start-up")
+        buf += chunk
+    return buf
+
+
+async def _open_socket(target: BackendTarget) -> tuple[trio.SocketStream, socket.socket]:
+    if target.host.startswith("/"):
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.setblocking(False)
+        tsock = trio.socket.from_stdlib_socket(raw)
+        await tsock.connect(f"{target.host}/.s.PGSQL.{target.port}")
+        return trio.SocketStream(tsock), raw
+    infos = await trio.socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        raw = socket.socket(family, type_, proto)
+        raw.setblocking(False)
+        tsock = trio.socket.from_stdlib_socket(raw)
+        try:
+            await tsock.connect(addr)
+        except OSError as exc:
+            tsock.close()
+            last = exc
+            continue
+        return trio.SocketStream(tsock), raw  # SocketStream turns TCP_NODELAY on
+    raise last or OSError(errno.EHOSTUNREACH, "no address")
+
+
+async def connect(target: BackendTarget, *, timeout: float, extra_params: dict[str, str] | None = None) -> BackendConn:
+    """Open and authenticate a backend connection, or raise BackendError with a shareable reason."""
+    try:
+        with trio.fail_after(timeout):
+            return await _connect(target, extra_params or {})
+    except trio.TooSlowError:
+        raise BackendError(f"timed out after {timeout:g} s connecting to the database server") from None
+    except OSError as exc:
+        raise BackendError(_os_reason(exc)) from None
+    except (ProtocolViolation, ScramError, ssl.SSLError, trio.BrokenResourceError) as exc:
+        raise BackendError(f"the database server connection failed ({type(exc).__name__})") from None
+
+
+async def _connect(target: BackendTarget, extra: dict[str, str]) -> BackendConn:
+    stream, raw = await _open_socket(target)
+    out: trio.abc.Stream = stream
+    tls = False
+    try:
+        if target.sslmode not in ("disable", "allow") and not target.host.startswith("/"):
+            await stream.send_all(m.ssl_request())
+            answer = await _receive_exactly(stream, 1)
+            if answer == b"S":
+                out = trio.SSLStream(stream, _tls_context(target.sslmode), server_hostname=target.host)
+                await out.do_handshake()
+                tls = True
+            elif answer == b"N":
+                if target.sslmode in ("require", "verify-ca", "verify-full"):
+                    raise BackendError("the database server does not support TLS, and the DSN requires it")
+            else:
+                raise BackendError("the database server answered the TLS request wrongly")
+        conn = BackendConn(out, raw, tls, target)
+        params = {"user": target.user, "database": target.dbname, **extra}
+        if target.options:
+            params["options"] = target.options
+        await out.send_all(m.startup_message(params))
+        await _authenticate(conn)
+        return conn
+    except BaseException:
+        await trio.aclose_forcefully(out)
+        raise
+
+
+async def _authenticate(conn: BackendConn) -> None:
+    target = conn.target
+    reader = conn.reader
+    scram: ScramClient | None = None
+    while True:
+        msg = reader.next()
+        if msg is None:
+            await conn.receive_messages()
+            continue
+        t, s, e = msg
+        payload = reader.payload(s, e)
+        if t == 0x52:  # Authentication*
+            if len(payload) < 4:
+                raise ProtocolViolation("short authentication message")
+            (code,) = _I32.unpack_from(payload, 0)
+            if code == 0:
+                continue
+            if code == 3:
+                if target.password is None:
+                    raise BackendError("the database server asks for a password and none is stored", CANNOT_CONNECT_NOW)
+                await conn.send(m.password_message(target.password.encode() + b"\x00"))
+            elif code == 5:
+                if target.password is None:
+                    raise BackendError("the database server asks for a password and none is stored", CANNOT_CONNECT_NOW)
+                await conn.send(m.password_message(md5_password(target.user, target.password, payload[4:8]) + b"\x00"))
+            elif code == 10:
+                mechs = payload[4:].split(b"\x00")
+                if b"SCRAM-SHA-256" not in mechs:
+                    raise BackendError("the database server offers no supported SASL mechanism", CANNOT_CONNECT_NOW)
+                if target.password is None:
+                    raise BackendError("the database server asks for a password and none is stored", CANNOT_CONNECT_NOW)
+                scram = ScramClient(target.password)
+                await conn.send(m.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+            elif code == 11 and scram is not None:
+                await conn.send(m.password_message(scram.handle_server_first(payload[4:])))
+            elif code == 12 and scram is not None:
+                scram.verify_server_final(payload[4:])
+            else:
+                raise BackendError(f"the database server asks for an unsupported authentication method ({code})",
+                                   CANNOT_CONNECT_NOW)
+        elif t == 0x45:  # ErrorResponse
+            fields = m.parse_error_fields(payload)
+            code = fields.get("C", "")
+            if code.startswith("28"):
+                raise BackendError("the database server rejected the stored credentials", CANNOT_CONNECT_NOW)
+            raise BackendError(f"the database server refused the connection: {fields.get('M', '')} ({code})",
+                               code or CANNOT_CONNECT_NOW)
+        elif t == 0x53:
+            k, v = m.parse_parameter_status(payload)
+            conn.params[k] = v
+        elif t == 0x4B and len(payload) == 8:
+            conn.pid, conn.secret = struct.unpack("!ii", payload)
+        elif t == 0x5A:
+            conn.initial_params = dict(conn.params)
+            return
+        elif t == 0x4E:  # NoticeResponse during start-up
+            continue
+        elif t == 0x76:  # NegotiateProtocolVersion: we ask for nothing optional
+            continue
+        else:
+            raise ProtocolViolation(f"unexpected message {chr(t)!r} during backend start-up")
+
+
+async def send_cancel(target: BackendTarget, pid: int, secret: int, timeout: float = 5.0) -> None:
+    """Best-effort CancelRequest to the server running a query; errors are swallowed by design."""
+    with trio.move_on_after(timeout):
+        try:
+            stream, _raw = await _open_socket(target)
+            async with stream:
+                await stream.send_all(m.cancel_request(pid, secret))
+                # The server closes the connection when it has handled the request.
+                await stream.receive_some(1)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

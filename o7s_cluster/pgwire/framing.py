@@ -1,0 +1,148 @@
+"""Framing: split a byte stream into messages, with every length capped before it is buffered."""
+
+from __future__ import annotations
+
+import struct
+
+from o7s_cluster.pgwire.errors import ProtocolViolation
+
+# PostgreSQL's own MAX_STARTUP_PACKET_LENGTH.
+MAX_STARTUP_PACKET = 10000
+
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0 = 196608
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!ci")
+
+
+class MessageReader:
+    """Incremental reader of typed messages (`type byte + int32 length + payload`).
+
+    `next()` returns offsets into `buf` instead of copies so that a relay can forward many
+    messages with one slice; the caller must use them before the next `feed()`.
+    """
+
+    __slots__ = ("buf", "pos", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        if self.pos:
+            del self.buf[: self.pos]
+            self.pos = 0
+        self.buf += data
+
+    def next(self) -> tuple[int, int, int] | None:
+        """(type, start, end) of the next whole message (buf[start:end]), or None if incomplete."""
+        buf = self.buf
+        pos = self.pos
+        if len(buf) - pos < 5:
+            return None
+        length = _I32.unpack_from(buf, pos + 1)[0]
+        if length < 4 or length > self.max_size:
+            raise ProtocolViolation(f"invalid message length {length} (limit {self.max_size})")
+        end = pos + 1 + length
+        if end > len(buf):
+            return None
+        self.pos = end
+        return buf[pos], pos, end
+
+    def payload(self, start: int, end: int) -> bytes:
+        return bytes(self.buf[start + 5 : end])
+
+    def pending(self) -> int:
+        """Bytes buffered but not yet returned as messages."""
+        return len(self.buf) - self.pos
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self.buf[self.pos :])
+        self.buf.clear()
+        self.pos = 0
+        return rest
+
+
+def startup_length(head: bytes) -> int:
+    """Length of an untyped startup-phase packet from its first four bytes, capped."""
+    (length,) = _I32.unpack_from(head, 0)
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise ProtocolViolation(f"invalid startup packet length {length}")
+    return length
+
+
+class StartupMessage:
+    __slots__ = ("params",)
+
+    def __init__(self, params: dict[str, str]) -> None:
+        self.params = params
+
+
+class SSLRequest:
+    __slots__ = ()
+
+
+class GSSENCRequest:
+    __slots__ = ()
+
+
+class CancelRequest:
+    __slots__ = ("pid", "secret")
+
+    def __init__(self, pid: int, secret: int) -> None:
+        self.pid = pid
+        self.secret = secret
+
+
+StartupPacket = StartupMessage | SSLRequest | GSSENCRequest | CancelRequest
+
+
+def parse_startup(packet: bytes) -> StartupPacket:
+    """Parse a whole startup-phase packet (length prefix included)."""
+    if len(packet) < 8:
+        raise ProtocolViolation("startup packet too short")
+    (code,) = _I32.unpack_from(packet, 4)
+    if code == SSL_REQUEST_CODE and len(packet) == 8:
+        return SSLRequest()
+    if code == GSSENC_REQUEST_CODE and len(packet) == 8:
+        return GSSENCRequest()
+    if code == CANCEL_REQUEST_CODE:
+        if len(packet) != 16:
+            raise ProtocolViolation("malformed cancel request")
+        pid, secret = struct.unpack_from("!ii", packet, 8)
+        return CancelRequest(pid, secret)
+    if code != PROTOCOL_3_0:
+        major, minor = code >> 16, code & 0xFFFF
+        raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}: server supports 3.0")
+    body = packet[8:]
+    if not body.endswith(b"\x00"):
+        raise ProtocolViolation("startup packet is not NUL-terminated")
+    fields = body[:-1].split(b"\x00")
+    if fields and fields[-1] == b"":
+        fields.pop()
+    if len(fields) % 2:
+        raise ProtocolViolation("startup packet has a key without a value")
+    params: dict[str, str] = {}
+    try:
+        for i in range(0, len(fields), 2):
+            key = fields[i].decode()
+            if not key:
+                raise ProtocolViolation("empty startup parameter name")
+            params[key] = fields[i + 1].decode()
+    except UnicodeDecodeError:
+        raise ProtocolViolation("startup packet is not valid UTF-8") from None
+    if "user" not in params or not params["user"]:
+        raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
+    return StartupMessage(params)
+
+
+def read_cstring(data: bytes, pos: int) -> tuple[bytes, int]:
+    """NUL-terminated string at pos and the position after it."""
+    end = data.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolViolation("missing string terminator")
+    return data[pos:end], end + 1

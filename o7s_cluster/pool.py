@@ -1,0 +1,135 @@
+"""Backend connection pools, one per (org, database): bounded, LIFO, with idle reaping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+from o7s_cluster import backend
+from o7s_cluster.backend import BackendConn, BackendError
+from o7s_cluster.dsn import BackendTarget
+from o7s_cluster.pgwire.errors import POOL_TIMEOUT
+
+log = logging.getLogger("o7s.pool")
+
+
+@dataclass
+class PoolSettings:
+    connect_timeout: float = 5.0
+    acquire_timeout: float = 5.0
+    idle_timeout: float = 300.0
+
+
+class PoolTimeout(BackendError):
+    def __init__(self, db_name: str, waited: float, size: int) -> None:
+        super().__init__(
+            f"no connection to database \"{db_name}\" became free within {waited:g} s (pool size {size})",
+            POOL_TIMEOUT,
+        )
+
+
+class Pool:
+    """At most `size` server connections; a waiter gets one in FIFO order or a clear error in time.
+
+    A semaphore counts connections in use plus being opened; idle ones sit in a LIFO stack so the
+    busiest stay warm and the rest age out.
+    """
+
+    def __init__(self, db_name: str, target: BackendTarget, size: int, settings: PoolSettings,
+                 startup_params: dict[str, str] | None = None) -> None:
+        self.db_name = db_name
+        self.target = target
+        self.size = size
+        self.settings = settings
+        self.startup_params = startup_params or {}
+        self._slots = trio.Semaphore(size)
+        self._idle: deque[BackendConn] = deque()
+        self.in_use = 0
+        self.waiting = 0
+        self.opened_total = 0
+
+    async def acquire(self) -> BackendConn:
+        self.waiting += 1
+        start = time.monotonic()
+        try:
+            with trio.move_on_after(self.settings.acquire_timeout) as scope:
+                await self._slots.acquire()
+            if scope.cancelled_caught:
+                raise PoolTimeout(self.db_name, self.settings.acquire_timeout, self.size)
+        finally:
+            self.waiting -= 1
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.looks_alive():
+                    self.in_use += 1
+                    return conn
+                await conn.aclose()
+            remaining = max(0.5, self.settings.connect_timeout - (time.monotonic() - start))
+            conn = await backend.connect(self.target, timeout=remaining, extra_params=self.startup_params)
+            self.opened_total += 1
+            self.in_use += 1
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: BackendConn) -> None:
+        """Give back a clean, idle connection (the caller has made sure it is)."""
+        self.in_use -= 1
+        conn.last_used = time.monotonic()
+        self._idle.append(conn)
+        self._slots.release()
+
+    async def discard(self, conn: BackendConn) -> None:
+        """Close a connection that must not be reused (dirty, broken, or mid-query)."""
+        self.in_use -= 1
+        self._slots.release()
+        await conn.aclose()
+
+    async def reap(self) -> None:
+        now = time.monotonic()
+        keep: deque[BackendConn] = deque()
+        stale: list[BackendConn] = []
+        for conn in self._idle:
+            (stale if now - conn.last_used > self.settings.idle_timeout or not conn.looks_alive() else keep).append(conn)
+        self._idle = keep
+        for conn in stale:
+            await conn.aclose()
+
+    async def close(self) -> None:
+        idle, self._idle = list(self._idle), deque()
+        for conn in idle:
+            await conn.aclose()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+
+class PoolManager:
+    """All pools of a worker, keyed by (org id, database name)."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.pools: dict[tuple[str, str], Pool] = {}
+
+    def get(self, key: tuple[str, str]) -> Pool | None:
+        return self.pools.get(key)
+
+    def add(self, key: tuple[str, str], pool: Pool) -> Pool:
+        return self.pools.setdefault(key, pool)
+
+    async def run_reaper(self, interval: float = 5.0) -> None:
+        while True:
+            await trio.sleep(interval)
+            for pool in list(self.pools.values()):
+                await pool.reap()
+
+    async def close(self) -> None:
+        for pool in list(self.pools.values()):
+            await pool.close()
