@@ -314,11 +314,12 @@ class RawPG:
         except OSError:
             return True
 
-    def login(self, user: str, password: str, dbname: str, **params: str) -> list[tuple[bytes, bytes]]:
+    def login(self, user: str, password: str, dbname: str | None, **params: str) -> list[tuple[bytes, bytes]]:
         """Startup + authentication (SCRAM with our client, md5, cleartext); messages up to Z or E."""
         from o7s_cluster.pgwire.scram import ScramClient, md5_password
 
-        self.send_startup({"user": user, "database": dbname, **params})
+        start = {"user": user} if dbname is None else {"user": user, "database": dbname}
+        self.send_startup({**start, **params})
         seen: list[tuple[bytes, bytes]] = []
         scram = None
         while True:

@@ -320,7 +320,6 @@ def test_session_settings_follow_the_client(proxy, org, pool_mode):
         default_tz = a.info.parameter_status("TimeZone")
         a.execute("SET TimeZone = 'Asia/Kathmandu'")
         a.execute("SET DateStyle = 'German, DMY'")
-        a.execute("SET search_path = pg_catalog, public")
         # SET LOCAL does not outlive its transaction.
         with a.transaction():
             a.execute("SET LOCAL TimeZone = 'UTC'")
@@ -345,11 +344,51 @@ def test_session_settings_follow_the_client(proxy, org, pool_mode):
         assert a.execute("SHOW TimeZone").fetchone() == ("Asia/Kathmandu",)
         assert a.execute("SHOW DateStyle").fetchone() == ("German, DMY",)
         assert a.execute("SHOW application_name").fetchone() == ("client-a",)
-        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog, public",)
         assert a.execute("SELECT '2024-01-02'::date::text").fetchone() == ("02.01.2024",)
         assert a.info.parameter_status("TimeZone") == "Asia/Kathmandu"
         a.execute("RESET TimeZone")
         assert a.execute("SHOW TimeZone").fetchone() == (default_tz,)
+
+
+def test_unreported_settings_follow_the_client(proxy, org, pool_mode):
+    """Settings the server does not report in ParameterStatus (search_path, statement_timeout, work_mem):
+    set by one client, they must neither be lost when its backend changes nor leak to other clients."""
+    with connect(proxy, org, autocommit=True) as a:
+        a.execute("SET search_path = pg_catalog, public")
+        a.execute("SET statement_timeout = '123s'")
+
+        def other(tid: int) -> None:
+            with connect(proxy, org, autocommit=True) as b:
+                for _ in range(8):
+                    with b.transaction():
+                        path, st = b.execute(
+                            "SELECT current_setting('search_path'), current_setting('statement_timeout')"
+                        ).fetchone()
+                        assert path == '"$user", public', f"client {tid} got another client's search_path"
+                        assert st != "123s", f"client {tid} got another client's statement_timeout"
+                        b.execute("SELECT pg_sleep(0.002)")
+
+        run_threads(30 if pool_mode == "transaction" else 12, other)
+        assert a.execute("SHOW search_path").fetchone() == ("pg_catalog, public",)
+        assert a.execute("SHOW statement_timeout").fetchone() == ("123s",)
+
+
+def test_startup_options_follow_the_client(proxy, org, pool_mode):
+    """Settings given at start-up (options=-c ...) hold for the whole session, whichever backend serves it."""
+    with connect(proxy, org, autocommit=True, options="-c search_path=pg_catalog,public -c work_mem=7MB") as a:
+
+        def other(tid: int) -> None:
+            with connect(proxy, org, autocommit=True) as b:
+                for _ in range(5):
+                    with b.transaction():
+                        wm = b.execute("SELECT current_setting('work_mem')").fetchone()[0]
+                        assert wm != "7MB", f"client {tid} got another client's start-up work_mem"
+                        b.execute("SELECT pg_sleep(0.002)")
+
+        for _ in range(3):
+            assert a.execute("SHOW work_mem").fetchone() == ("7MB",)
+            assert a.execute("SHOW search_path").fetchone() == ("pg_catalog,public",)
+            run_threads(25 if pool_mode == "transaction" else 10, other)
 
 
 # ------------------------------------------------------------------------------------ large results
