@@ -148,7 +148,7 @@ def test_fuzz_message_parsers(data: bytes) -> None:
                        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40),
                        max_size=8))
 def test_fuzz_startup_round_trip(params: dict[str, str]) -> None:
-    params = {"user": "u", **params}
+    params = {**params, "user": "u"}
     pkt = m.startup_message(params)
     if len(pkt) > MAX_STARTUP_PACKET:
         return
