@@ -8,9 +8,11 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,10 +115,18 @@ def setup_demo(pg: EmbeddedPostgres, secret_key: str) -> tuple[str, str]:
     return platform, demo_pw
 
 
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def embedded_platform(settings: Settings) -> Iterator[tuple[Settings, str]]:
     """Yield settings pointing at a fresh throwaway control plane, and the psql line for the demo org."""
     key = settings.secret_key or generate_key()
+    # SIGTERM's default would kill us without unwinding and leave the throwaway server running;
+    # as an exception it unwinds through EmbeddedPostgres.__exit__ (the proxy installs its own handler).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_exit)
     with EmbeddedPostgres() as pg:
         platform, demo_pw = setup_demo(pg, key)
         host = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::", "") else settings.listen_host
