@@ -229,9 +229,17 @@ class Session:
                 await self._cleanup()
 
     async def _send_final(self, data: bytes) -> None:
+        """Send a last error, then linger briefly so that unread client bytes do not turn our FIN
+        into a reset that would discard the error before the client reads it."""
         with trio.move_on_after(2):
             try:
                 await self._send_client(data)
+                if isinstance(self.client, trio.SocketStream):
+                    await self.client.send_eof()
+                    with trio.move_on_after(0.5):
+                        drained = 0
+                        while drained < 1 << 20 and (chunk := await self.client.receive_some(65536)):
+                            drained += len(chunk)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, ssl.SSLError, OSError):
                 pass
 
