@@ -6,6 +6,7 @@ so an error never leaves half an org behind and a wrong key never mixes cipherte
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -338,19 +339,29 @@ class _Flight:
 
 
 class TrioCatalog:
-    """Cached control-plane reads for the trio proxy: a TTL cache plus single-flight per key,
-    so a burst of connects for one org costs one query, and a flood of unknown names is cached too."""
+    """Cached control-plane reads for the trio proxy.
 
-    def __init__(self, dsn: str, vault: Vault, ttl: float = 5.0, max_connections: int = 4) -> None:
+    A TTL cache plus single-flight per key, so a burst of connects for one org costs one query and a
+    flood of unknown names is cached too. While the control plane is unreachable, answers up to
+    `max_stale` seconds past their TTL are still served, so a control-plane blip does not lock every
+    org out; the cache is bounded so random names cannot grow it without limit.
+    """
+
+    def __init__(self, dsn: str, vault: Vault, ttl: float = 5.0, *, max_stale: float = 300.0,
+                 max_connections: int = 4, timeout: float = 5.0, max_entries: int = 100_000) -> None:
         self.dsn = dsn
         self.vault = vault
         self.ttl = ttl
+        self.max_stale = max_stale
+        self.timeout = timeout
+        self.max_entries = max_entries
+        self._count = itertools.count(1)
         self.queries = 0  # round trips issued; lets tests and metrics see the cache working
         self._max = max_connections
         self._pool: Any = None
         self._pool_lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(max_connections)
-        self._cache: dict[tuple, tuple[float, Any]] = {}
+        self._cache: dict[tuple, tuple[float, float, Any]] = {}  # key -> (expires, fetched, value), oldest first
         self._flights: dict[tuple, _Flight] = {}
 
     # -- plumbing
@@ -361,14 +372,16 @@ class TrioCatalog:
                 from psycopg_pool import ConnectionPool
 
                 self._pool = ConnectionPool(
-                    self.dsn, min_size=1, max_size=self._max, open=False, timeout=5.0,
-                    kwargs={"autocommit": True, "connect_timeout": 5}, name="o7s-catalog",
+                    self.dsn, min_size=1, max_size=self._max, open=False, timeout=self.timeout,
+                    kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
+                    check=ConnectionPool.check_connection,  # a control-plane restart must not fail a login
+                    name="o7s-catalog",
                 )
                 self._pool.open(wait=False)
             return self._pool
 
     def _query(self, sql: str, params: tuple) -> list[dict[str, Any]]:
-        self.queries += 1
+        self.queries = next(self._count)
         try:
             with self._get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
                 return cur.execute(sql, params).fetchall()
@@ -378,10 +391,20 @@ class TrioCatalog:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
 
+    def _store(self, key: tuple, value: Any, fetched: float) -> None:
+        if len(self._cache) >= self.max_entries:
+            now = time.monotonic()
+            for k in [k for k, (_, fetched, _) in self._cache.items() if fetched + self.ttl + self.max_stale < now]:
+                del self._cache[k]
+            while len(self._cache) >= self.max_entries * 0.9:
+                del self._cache[next(iter(self._cache))]
+        self._cache.pop(key, None)  # re-insert at the end: the dict stays oldest-first
+        self._cache[key] = (time.monotonic() + self.ttl, fetched, value)
+
     async def _cached(self, key: tuple, fn: Callable[..., Any], *args: Any) -> Any:
         hit = self._cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+            return hit[2]
         flight = self._flights.get(key)
         if flight is not None:
             await flight.done.wait()
@@ -392,8 +415,16 @@ class TrioCatalog:
             return await self._cached(key, fn, *args)  # the leader was cancelled: try ourselves
         flight = self._flights[key] = _Flight()
         try:
-            flight.value = await self._run(fn, *args)
-            self._cache[key] = (time.monotonic() + self.ttl, flight.value)
+            try:
+                flight.value = await self._run(fn, *args)
+            except CatalogError:
+                if hit is None or hit[1] + self.ttl + self.max_stale < time.monotonic():
+                    raise
+                # control plane down: the last answer beats locking the org out; retry after a TTL
+                flight.value = hit[2]
+                self._store(key, flight.value, hit[1])
+            else:
+                self._store(key, flight.value, time.monotonic())
             return flight.value
         except BaseException as e:
             flight.error = e
@@ -466,7 +497,7 @@ class TrioCatalog:
             self._cache.clear()
             return
         hit = self._cache.pop(("login", org_name), None)
-        org_id = hit[1].org_id if hit is not None and hit[1] is not None else None
+        org_id = hit[2].org_id if hit is not None and hit[2] is not None else None
         if org_id is not None:
             for key in [k for k in self._cache if k[0] == "backend" and k[1] == org_id]:
                 del self._cache[key]

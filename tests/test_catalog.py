@@ -318,7 +318,7 @@ async def test_trio_catalog_wrong_key_and_down_control_plane(cp, backend):
             await cat.backend(org_id, "catalog_backend")
     finally:
         cat.close()
-    down = TrioCatalog("postgresql://x:TopSecret@127.0.0.1:1/x", vault)
+    down = TrioCatalog("postgresql://x:TopSecret@127.0.0.1:1/x", vault, timeout=1)
     try:
         assert not await down.ping()
         with pytest.raises(CatalogError, match="control plane unavailable") as ei:
@@ -326,3 +326,47 @@ async def test_trio_catalog_wrong_key_and_down_control_plane(cp, backend):
         assert "TopSecret" not in str(ei.value)
     finally:
         down.close()
+
+
+async def test_trio_catalog_serves_stale_answers_while_control_plane_is_down(cp, backend, pg_server):
+    admin, vault, dsn = cp
+    org_id = admin.create_org("acme", "free", backend[0], "postgres", "pw", vault)
+    cat = TrioCatalog(dsn, vault, ttl=0.5, max_stale=30, timeout=1)
+    dbname = dsn.rsplit("/", 1)[1]
+    try:
+        login = await cat.login("acme")
+        found = await cat.backend(org_id, "catalog_backend")
+        with psycopg.connect(admin_dsn(pg_server), autocommit=True) as conn:  # the control plane goes away
+            conn.execute(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+        await trio.sleep(0.6)
+        n = cat.queries
+        assert await cat.login("acme") == login
+        assert cat.queries == n + 1  # it did try, and fell back on the last answer
+        assert await cat.login("acme") == login and cat.queries == n + 1  # no retry storm within a TTL
+        assert await cat.backend(org_id, "catalog_backend") == found
+        with pytest.raises(CatalogError, match="control plane unavailable"):
+            await cat.login("beta")  # nothing to fall back on
+        assert not await cat.ping()
+
+        with psycopg.connect(admin_dsn(pg_server), autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
+        admin.set_tier("acme", "pro")
+        with trio.fail_after(15):
+            while (await cat.login("acme")).tier != "pro":  # recovers on its own
+                await trio.sleep(0.2)
+    finally:
+        cat.close()
+
+
+async def test_trio_catalog_cache_is_bounded(cp):
+    admin, vault, dsn = cp
+    cat = TrioCatalog(dsn, vault, ttl=60, max_entries=50)
+    try:
+        for i in range(200):
+            assert await cat.login(f"nobody{i}") is None
+        assert len(cat._cache) <= 50
+        assert cat.queries == 200
+        assert await cat.login("nobody199") is None and cat.queries == 200  # the newest are kept
+    finally:
+        cat.close()
