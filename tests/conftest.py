@@ -150,7 +150,7 @@ class OrgFactory:
             None if role_kind == "trust" else backend_pw,
             md5=(role_kind == "md5"),
         )
-        run_o7s(self.env, "org", "create", name, "--tier", tier, "--backend", dsn, "--password", password)
+        run_o7s(self.env, "org", "create", name, "--tier", tier, "--backend", dsn, f"--password={password}")
         org = Org(name, password, tier, dbname, dsn)
         self.made[name] = org
         return org

@@ -20,7 +20,7 @@ from psycopg import errors as pgerr
 pytestmark = pytest.mark.timeout(60)
 
 STARTUP_TIMEOUT = 2.0
-POOL_TIMEOUT = 2.0
+POOL_TIMEOUT = 1.0  # below the startup timeout: a client may wait for the pool while logging in
 MAX_MESSAGE = 1024 * 1024
 BACKEND_DOWN_CODES = {"08006", "08001", "57P03", "08004"}
 POOL_TIMEOUT_CODES = {"53P01", "53300", "53400", "57P03", "08006"}
@@ -60,6 +60,8 @@ def read_to_close(c: RawPG, timeout: float = 5.0) -> tuple[list[tuple[bytes, byt
             if m is None:
                 return msgs, True
             msgs.append(m)
+    except ConnectionResetError:
+        return msgs, True  # closed with our unread bytes pending: the kernel resets the connection
     except (TimeoutError, OSError):
         pass
     return msgs, False
@@ -141,6 +143,8 @@ def test_malformed_startup_packet(fproxy, org, case):
     if case in ("length-huge", "length-over-10000", "length-too-small", "length-negative"):
         assert elapsed < STARTUP_TIMEOUT, "an impossible length must be refused at once, not waited for"
     errs = [error_fields(b) for t, b in msgs if t == b"E"]
+    if case == "length-over-10000" and not errs:
+        return  # closed with 20 kB unread: the reset may discard the ErrorResponse (PostgreSQL sends none)
     assert errs, f"{case}: closed without an ErrorResponse (want {codes}); got {msgs}"
     assert errs[0]["C"] in codes, errs
     assert errs[0]["S"] == "FATAL"
@@ -163,6 +167,8 @@ BAD_MESSAGES = {
     "length-negative": b"Q" + struct.pack("!i", -100),
     "over-max-message-size": b"Q" + struct.pack("!I", MAX_MESSAGE + 1000) + b"x" * 100,
     "unknown-type": b"\x01" + struct.pack("!I", 4),
+    # A startup packet after login reads as message type 0 with a 4352-byte body that never comes:
+    # like PostgreSQL, an invalid type must be refused at once, not after waiting for its body.
     "startup-again": _startup(b"user\x00x\x00\x00"),
 }
 

@@ -41,10 +41,10 @@ def secrets_of(org) -> list[str]:
 
 def assert_no_leak(text: str, *orgs, sent: str = "") -> None:
     """`sent`: what the client itself sent, which an error may echo (e.g. a database name)."""
+    for word in sent.replace("=", " ").split():
+        text = text.replace(word, "<sent>")
     for org in orgs:
         for s in secrets_of(org):
-            if s and s in sent:
-                text = text.replace(sent, "")
             assert s and s not in text, f"error text leaks {s!r}: {text!r}"
 
 
@@ -134,8 +134,8 @@ def test_startup_options_do_not_cross_orgs(proxy, orgs, options):
     try:
         conn = psycopg.connect(proxy.dsn(a, options=options), autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as e:
-        # Refusing is fine; it must not leak.
-        assert_no_leak(str(e), a, b)
+        # Refusing is fine; it must not leak (beyond echoing what the client sent).
+        assert_no_leak(str(e), a, b, sent=options)
         return
     with conn:
         db, user = conn.execute("SELECT current_database(), current_user").fetchone()
