@@ -224,6 +224,14 @@ class Session:
                 f"lost the connection to database \"{self.db_name}\": {exc.reason}"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
             pass  # the client went away
+        except Exception:
+            # A bug must cost one session, never the worker.
+            log.exception("session failed", extra={"org": self.org, "peer": self.peer})
+            conn, self.backend = self.backend, None
+            if conn is not None and self.pool is not None:
+                with trio.CancelScope(shield=True):
+                    await self.pool.discard(conn)
+            await self._send_final(m.error_response("FATAL", codes.INTERNAL_ERROR, "internal error in O7s"))
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()

@@ -373,3 +373,9 @@ def first_error(msgs: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
         if t == b"E":
             return error_fields(body)
     return None
+
+
+@pytest.fixture(scope="session")
+def fuzz_org(make_org) -> Org:
+    """A free-tier org (pool of 3) for fuzzing: a leaked backend connection shows up fast."""
+    return make_org("fuzz", "free")
