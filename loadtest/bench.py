@@ -1,0 +1,300 @@
+"""Runs the Locust scenario against each target in turn and collects what the report needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from loadtest import infra
+from loadtest.hdr import Histogram
+
+HERE = Path(__file__).resolve().parent
+LOCUSTFILE = HERE / "locustfile.py"
+STATEMENTS_PER_OP = {"read": 1, "update": 1, "txn": 6}  # txn: BEGIN, 4 statements, COMMIT
+
+
+@dataclass
+class Options:
+    users: int = 1000
+    rate: float = 1000.0            # offered requests/s, all users together
+    duration: float = 60.0          # measured seconds per target
+    warmup: float = 5.0             # after all users are connected and phased in
+    spawn_rate: float = 0.0         # users/s (0: min(users, 200))
+    locust_processes: int = 2       # Locust worker processes (1: a single local runner)
+    orgs: int = 8
+    tier: str = "enterprise"
+    rows: int = 10000
+    mix: dict = field(default_factory=lambda: {"read": 80, "update": 15, "txn": 5})
+    workers: int = 0                # o7s serve --workers, when it has that option (0: its default)
+    targets: list = field(default_factory=lambda: ["direct", "pgbouncer", "o7s"])
+    prepare_threshold: int | None = None
+    locust_stats: bool = True
+    phase_jitter: bool = True
+    out: str = str(HERE / "results")
+    keep: bool = False
+
+    def spawn(self) -> float:
+        return self.spawn_rate or float(min(self.users, 200))
+
+
+def tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of a process and all its descendants, per pid."""
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (p.name(), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_delta(a: dict, b: dict) -> dict[int, tuple[str, float]]:
+    """Per-pid CPU used between two snapshots (a pid that appeared in b counts from zero)."""
+    return {pid: (name, sec - a.get(pid, (name, 0.0))[1]) for pid, (name, sec) in b.items()}
+
+
+def machine_cpu() -> tuple[float, float]:
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+    return busy, busy + t.idle + getattr(t, "iowait", 0.0)
+
+
+@dataclass
+class Stack:
+    """The servers of one benchmark run: Postgres with the data set, PgBouncer, O7s."""
+
+    opts: Options
+    workdir: Path
+    pg: infra.Postgres | None = None
+    bouncer: infra.PgBouncer | None = None
+    o7s: infra.O7s | None = None
+    orgs: list = field(default_factory=list)
+    o7s_note: str = ""
+
+    def start(self, log=print) -> "Stack":
+        o = self.opts
+        infra.raise_fd_limit()
+        self.orgs = infra.make_orgs(o.orgs, o.tier)
+        want_o7s = "o7s" in o.targets
+        sizes = {"free": 3, "starter": 5, "pro": 20, "enterprise": 50}
+        pool_total = sizes.get(o.tier, 50) * o.orgs
+        maxconn = o.users + pool_total * (2 if want_o7s else 1) + 50
+        log(f"starting PostgreSQL (max_connections={maxconn})")
+        self.pg = infra.Postgres(self.workdir / "pg", max_connections=maxconn).start()
+        log(f"loading {o.rows} accounts into each of {o.orgs} org databases")
+        infra.load_dataset(self.pg, self.orgs, o.rows)
+        if want_o7s:
+            ok, help_text = infra.o7s_available()
+            if not ok:
+                raise RuntimeError(f"o7s serve is not available in this checkout:\n{help_text[-2000:]}")
+            log("provisioning orgs in the O7s control plane (o7s migrate, o7s org create)")
+            env = infra.provision_o7s(self.pg, self.orgs)
+            sizes = infra.tier_pool_sizes(self.pg, "o7s_platform")
+        for org in self.orgs:
+            org.pool_size = sizes[org.tier]
+        if "pgbouncer" in o.targets:
+            log(f"starting PgBouncer (transaction mode, pool_size {self.orgs[0].pool_size} per org)")
+            self.bouncer = infra.PgBouncer(self.workdir / "pgbouncer", self.pg, self.orgs,
+                                           max_client_conn=o.users + 100).start()
+        if want_o7s:
+            extra = []
+            workers = 0
+            if o.workers and "--workers" in help_text:
+                workers = o.workers
+            elif o.workers:
+                self.o7s_note = f"`o7s serve` has no --workers option yet: ran its default (asked for {o.workers})"
+            log("starting o7s serve")
+            self.o7s = infra.O7s(self.workdir / "o7s", env, workers=workers, extra_args=extra).start()
+        return self
+
+    def dsns(self, target: str) -> list[str]:
+        if target == "direct":
+            return [self.pg.url(g.name, g.password, g.dbname) for g in self.orgs]
+        if target == "pgbouncer":
+            return [self.bouncer.url(g) for g in self.orgs]
+        if target == "o7s":
+            return [self.o7s.url(g) for g in self.orgs]
+        raise ValueError(target)
+
+    def proxy_pid(self, target: str) -> int | None:
+        if target == "pgbouncer":
+            return self.bouncer.proc.pid
+        if target == "o7s":
+            return self.o7s.proc.pid
+        return None
+
+    def stop(self) -> None:
+        for s in (self.o7s, self.bouncer, self.pg):
+            if s is not None:
+                try:
+                    s.stop()
+                except Exception as ex:  # noqa: BLE001
+                    print(f"stopping {type(s).__name__}: {ex}", file=sys.stderr)
+
+
+def run_target(stack: Stack, target: str, opts: Options, run_dir: Path, log=print) -> dict:
+    """One Locust run against one target; returns the figures for the report."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for f in run_dir.glob("hist-*.json"):
+        f.unlink()
+    period = opts.users / opts.rate
+    spawn = opts.spawn()
+    startup = 4.0 + 1.0 * max(1, opts.locust_processes)   # Locust start-up + green check per process
+    ramp = opts.users / spawn + 2.0
+    t0 = time.time()
+    w_start = t0 + startup + ramp + (period if opts.phase_jitter else 0) + opts.warmup
+    w_end = w_start + opts.duration
+    run_time = int(w_end - t0 + 2.5) + 1
+    cfg = {
+        "targets": stack.dsns(target), "mix": opts.mix, "rate_per_user": opts.rate / opts.users,
+        "rows": opts.rows, "window_start": w_start, "window_end": w_end, "out_dir": str(run_dir),
+        "prepare_threshold": opts.prepare_threshold, "locust_stats": opts.locust_stats,
+        "phase_jitter": opts.phase_jitter,
+    }
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+           "-u", str(opts.users), "-r", str(spawn), "-t", f"{run_time}s",
+           "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5",
+           "--csv", str(run_dir / "locust"), "--exit-code-on-error", "0"]
+    if opts.locust_processes > 1:
+        cmd += ["--processes", str(opts.locust_processes)]
+    env = dict(os.environ, LT_CONFIG=str(run_dir / "config.json"),
+               LT_PROCESSES=str(max(1, opts.locust_processes)), PYTHONPATH=str(HERE.parent))
+    log(f"[{target}] {opts.users} users, {opts.rate:g} req/s offered, window {opts.duration:g}s "
+        f"(starts after {w_start - t0:.0f}s), locust processes {opts.locust_processes}")
+    with open(run_dir / "locust.log", "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=HERE.parent)
+    snaps: dict[str, dict] = {}
+
+    def snapshot(tag: str, at: float) -> None:
+        while time.time() < at and proc.poll() is None:
+            time.sleep(min(0.05, max(0.0, at - time.time())))
+        s = {"t": time.time(), "locust": tree_cpu(proc.pid), "machine": machine_cpu(),
+             "postgres": tree_cpu(stack.pg.proc.pid)}
+        pp = stack.proxy_pid(target)
+        if pp:
+            s["proxy"] = tree_cpu(pp)
+        snaps[tag] = s
+
+    th = threading.Thread(target=lambda: (snapshot("start", w_start), snapshot("end", w_end)), daemon=True)
+    th.start()
+    try:
+        rc = proc.wait(timeout=run_time + 120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    th.join(5)
+    return collect(target, opts, run_dir, snaps, rc, w_end - w_start)
+
+
+def collect(target: str, opts: Options, run_dir: Path, snaps: dict, rc: int, window: float) -> dict:
+    hists: dict[str, Histogram] = {}
+    errors: dict[str, int] = {}
+    samples: dict[str, int] = {}
+    connected = connected_at_window = connect_failures = 0
+    green = []
+    files = sorted(run_dir.glob("hist-*.json"))
+    for f in files:
+        d = json.loads(f.read_text())
+        for op, h in d["hist"].items():
+            hists.setdefault(op, Histogram()).merge(Histogram.from_json(h))
+        for k, v in d["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in d.get("error_samples", {}).items():
+            samples[k] = samples.get(k, 0) + v
+        connected += d.get("connected", 0)
+        connected_at_window += d.get("connected_at_window") or 0
+        connect_failures += d.get("connect_failures", 0)
+        if d.get("green_check"):
+            green.append(d["green_check"])
+    allh = Histogram.merged(hists.values())
+    ok_statements = sum(STATEMENTS_PER_OP[op] * h.n for op, h in hists.items())
+    n_err = sum(v for k, v in errors.items())
+    res = {
+        "target": target, "users": opts.users, "offered_rps": opts.rate, "window_s": window,
+        "locust_rc": rc, "locust_processes": opts.locust_processes, "hist_files": len(files),
+        "connected": connected, "connected_at_window": connected_at_window,
+        "connect_failures": connect_failures, "green_check": green[:1],
+        "requests": allh.n, "errors": n_err, "error_samples": dict(sorted(samples.items(), key=lambda kv: -kv[1])[:8]),
+        "achieved_rps": allh.n / window if window else 0.0,
+        "statements": ok_statements, "achieved_qps": ok_statements / window if window else 0.0,
+        "latency": allh.summary_ms(), "per_op": {op: h.summary_ms() for op, h in hists.items()},
+        "hist": allh.to_json(),
+    }
+    if "start" in snaps and "end" in snaps:
+        a, b = snaps["start"], snaps["end"]
+        wall = b["t"] - a["t"]
+        res["cpu_window_s"] = wall
+        loc = cpu_delta(a["locust"], b["locust"])
+        res["locust_cpu_s"] = sum(v for _, v in loc.values())
+        pg = cpu_delta(a["postgres"], b["postgres"])
+        res["postgres_cpu_s"] = sum(v for _, v in pg.values())
+        mb, mt = b["machine"][0] - a["machine"][0], b["machine"][1] - a["machine"][1]
+        res["machine_busy_frac"] = mb / mt if mt else 0.0
+        if "proxy" in a:
+            px = cpu_delta(a["proxy"], b["proxy"])
+            res["proxy_cpu_s"] = sum(v for _, v in px.values())
+            res["proxy_cpu_per_process"] = sorted(((n, round(v, 3)) for n, v in px.values() if v > 0.001),
+                                                  key=lambda x: -x[1])
+        k = ok_statements / 1000 if ok_statements else 0
+        for key in ("proxy_cpu_s", "postgres_cpu_s", "locust_cpu_s"):
+            if key in res and k:
+                res[key.replace("_cpu_s", "_cpu_s_per_1k_q")] = res[key] / k
+    return res
+
+
+def versions(stack: Stack | None = None) -> dict:
+    def cmd(args):
+        try:
+            return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    import gevent
+    import locust
+    import psycopg
+
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    git = cmd(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"])
+    pgb = cmd(["pgbouncer", "--version"])
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(), "python": platform.python_version(),
+        "postgres": cmd([str(infra.pg_bindir() / "postgres"), "--version"]),
+        "pgbouncer": pgb, "psycopg": psycopg.__version__, "libpq": psycopg.pq.version(),
+        "locust": locust.__version__, "gevent": gevent.__version__, "o7s_commit": git,
+    }
+
+
+def save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def opts_dict(o: Options) -> dict:
+    return asdict(o)
