@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -278,7 +279,7 @@ def versions(stack: Stack | None = None) -> dict:
     except OSError:
         pass
     git = cmd(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"])
-    pgb = cmd(["pgbouncer", "--version"])
+    pgb = cmd([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "--version"])
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

@@ -234,7 +234,7 @@ class PgBouncer:
     proc: subprocess.Popen | None = None
 
     def start(self) -> "PgBouncer":
-        exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"  # /usr/sbin: not on a user's PATH
         if not os.path.exists(exe):
             raise RuntimeError("pgbouncer not installed; run scripts/install")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ stats_period = 600
         (self.workdir / "pgbouncer.ini").write_text(ini)
         _own_dir(self.workdir)
         self.proc = subprocess.Popen(
-            [*_as_service_user(), "pgbouncer", str(self.workdir / "pgbouncer.ini")],
+            [*_as_service_user(), exe, str(self.workdir / "pgbouncer.ini")],
             stdout=open(self.workdir / "pgbouncer.out", "w"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
