@@ -18,11 +18,16 @@ from typing import Any, NoReturn
 from o7s_cluster import __version__
 from o7s_cluster.catalog import DB_TYPES, Admin, CatalogError, migrate
 from o7s_cluster.config import POOL_MODES, ConfigError, load_settings
+from o7s_cluster.embedded import EmbeddedError
 from o7s_cluster.vault import Vault, VaultError, generate_key
 
 
 class UsageError(Exception):
     """Bad invocation: exit 2."""
+
+
+class CommandError(Exception):
+    """A failure outside the control plane (e.g. the listen address): exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,13 +160,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with embedded_platform(settings) as (settings, psql_line):
             print(f"O7s embedded mode: a throwaway control plane and a demo org. Connect with:\n  {psql_line}",
                   flush=True)
-            server.run(settings)
+            _run_server(server, settings)
         return 0
     Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
     from o7s_cluster import server
 
-    server.run(settings)
+    _run_server(server, settings)
     return 0
+
+
+def _run_server(server: Any, settings: Any) -> None:
+    try:
+        server.run(settings)
+    except OSError as e:  # typically the listen address: in use, not ours, not resolvable
+        raise CommandError(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -238,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"o7s: error: {e}", file=sys.stderr)
         return 2
-    except (CatalogError, VaultError, ConfigError) as e:
+    except (CatalogError, VaultError, ConfigError, CommandError, EmbeddedError) as e:
         print(f"o7s: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 
 import psycopg
 import pytest
@@ -201,6 +202,16 @@ def test_serve_checks_before_starting(migrated, make_org, tmp_path):
     cfg = tmp_path / "o7s.toml"
     cfg.write_text("pool_size = 3\n")
     assert "unknown setting 'pool_size'" in fail(migrated, "serve", "--config", str(cfg))
+
+
+def test_serve_on_a_busy_port(migrated, make_org):
+    make_org("cli-serve", "free")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = fail(migrated, "serve", "--listen", f"127.0.0.1:{port}")
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in err
 
 
 def test_main_in_process(capsys):
