@@ -120,6 +120,21 @@ def test_prepare_everything_like_asyncpg(proxy, org):
             assert conn.execute("SELECT %s::text", ("in-tx",)).fetchone() == ("in-tx",)
 
 
+def test_prepared_statement_eviction(proxy, org):
+    """psycopg deallocates statements it evicts from its cache (DEALLOCATE or Close): that must work
+    through the proxy too, and the names must be reusable afterwards."""
+    with connect(proxy, org, autocommit=True) as conn:
+        conn.prepared_max = 3
+        for rnd in range(3):
+            for q in range(10):
+                for i in range(2):
+                    r = conn.execute(f"SELECT %s::int + {q}", (i,), prepare=True).fetchone()
+                    assert r == (i + q,)
+        conn.execute("DEALLOCATE ALL")
+        for q in range(4):
+            assert conn.execute(f"SELECT %s::int + {q}", (1,), prepare=True).fetchone() == (1 + q,)
+
+
 def test_many_clients_prepared_statements(proxy, org, pool_mode):
     """More clients than the pool has backend connections, each with its own statements under the
     same psycopg names (_pg3_0, ...), so a backend serving one client next serves another."""
@@ -391,6 +406,37 @@ def test_startup_options_follow_the_client(proxy, org, pool_mode):
             run_threads(25 if pool_mode == "transaction" else 10, other)
 
 
+def test_session_state_does_not_reach_the_next_client(proxy, make_org, pool_mode):
+    """Session mode: when a client leaves, its backend connection is reset before anyone else gets it
+    (settings, temp tables, prepared statements, advisory locks, LISTEN)."""
+    if pool_mode != "session":
+        pytest.skip("session-level state (temp tables, advisory locks) is unsupported in transaction mode")
+    small = make_org("psy_reuse", "free")
+    with connect(proxy, small, autocommit=True) as a:
+        pid = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+        a.execute("SET search_path = pg_catalog")
+        a.execute("SET statement_timeout = '77s'")
+        a.execute("CREATE TEMP TABLE a_temp (x int)")
+        a.execute("PREPARE a_stmt AS SELECT 1")
+        a.execute("SELECT pg_advisory_lock(4242)")
+        a.execute("LISTEN a_channel")
+    seen = False
+    for _ in range(6):
+        with connect(proxy, small, autocommit=True) as b:
+            if b.execute("SELECT pg_backend_pid()").fetchone()[0] != pid:
+                continue
+            seen = True
+            path, st, temp, prepared, locks, chans = b.execute(
+                "SELECT current_setting('search_path'), current_setting('statement_timeout'),"
+                " to_regclass('pg_temp.a_temp'), (SELECT count(*) FROM pg_prepared_statements),"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),"
+                " (SELECT count(*) FROM pg_listening_channels())"
+            ).fetchone()
+            assert st != "77s"  # the tier's statement_timeout, not the previous client's
+            assert (path, temp, prepared, locks, chans) == ('"$user", public', None, 0, 0, 0)
+    assert seen, "the pool never reused the backend connection (cannot check the reset)"
+
+
 # ------------------------------------------------------------------------------------ large results
 
 
@@ -460,6 +506,60 @@ def test_cancel(proxy, org):
         conn.rollback()
         assert conn.execute("SELECT 2").fetchone() == (2,)
         conn.commit()
+
+
+def test_cancel_of_an_idle_client_spares_others_on_its_last_backend(proxy, make_org, pool_mode):
+    """In transaction mode a backend a client used is soon serving others: that client's cancel, sent
+    while it is idle, must not cancel their queries."""
+    small = make_org("psy_free", "free")  # pool_size 3: every backend is busy below
+    with connect(proxy, small, autocommit=True) as a:
+        a.execute("SELECT 1")
+        n = 3 if pool_mode == "transaction" else 2
+        outcomes = []
+
+        def sleeper(i: int) -> None:
+            with connect(proxy, small, autocommit=True) as b:
+                try:
+                    b.execute("SELECT pg_sleep(1.5)")
+                    outcomes.append("ok")
+                except pgerr.QueryCanceled:
+                    outcomes.append("cancelled")
+
+        threads = [threading.Thread(target=sleeper, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        time.sleep(0.6)
+        a.cancel_safe(timeout=5)
+        for t in threads:
+            t.join(15)
+        assert outcomes == ["ok"] * n
+        assert a.execute("SELECT 'a ok'").fetchone() == ("a ok",)
+
+
+def test_pipeline_and_executemany(proxy, org, pool_mode):
+    name = f"pipe_{pool_mode}"
+    with connect(proxy, org, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {name}")
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
+        with conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO {name} VALUES (%s, %s)", [(i, f"v{i}") for i in range(500)])
+        with conn.pipeline():
+            curs = [conn.execute("SELECT %s::int * 2", (i,)) for i in range(50)]
+            bad = conn.cursor()
+        assert [c.fetchone()[0] for c in curs] == [i * 2 for i in range(50)]
+        # An error in the middle of a pipeline aborts the rest of it (one implicit transaction up to the
+        # Sync, so the first insert is rolled back too); then the connection works.
+        with pytest.raises(pgerr.UniqueViolation):
+            with conn.pipeline():
+                conn.execute(f"INSERT INTO {name} VALUES (1000, 'x')")
+                conn.execute(f"INSERT INTO {name} VALUES (1, 'dup')")
+                bad.execute("SELECT 1")
+        assert conn.execute(f"SELECT count(*) FROM {name}").fetchone() == (500,)
+        # A transaction inside a pipeline.
+        with conn.pipeline(), conn.transaction():
+            for i in range(600, 620):
+                conn.execute(f"INSERT INTO {name} VALUES (%s, 'tx')", (i,))
+        assert conn.execute(f"SELECT count(*) FROM {name} WHERE v = 'tx'").fetchone() == (20,)
 
 
 def test_cancel_when_idle_is_harmless(proxy, org):
