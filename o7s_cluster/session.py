@@ -24,6 +24,7 @@ from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ProtocolViolation
 from o7s_cluster.pgwire.framing import (
+    FRONTEND_TYPES,
     CancelRequest,
     GSSENCRequest,
     MessageReader,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("o7s.session")
 
 # Expected-response kinds.
-K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_FAKE, K_FAKE_DEALLOCATE = range(9)
+K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_CAPTURE, K_FAKE, K_FAKE_DEALLOCATE = range(10)
 _SYNC_ENTRY = (K_SYNC, False, None)
 _QUERY_ENTRY = (K_QUERY, False, None)
 _BIND_ENTRY = (K_BIND, False, None)
@@ -51,6 +52,16 @@ _DESCRIBE_ENTRY = (K_DESCRIBE, False, None)
 _EXECUTE_ENTRY = (K_EXECUTE, False, None)
 _CLOSE_ENTRY = (K_CLOSE, False, None)
 _PARSE_ENTRY = (K_PARSE, False, None)
+_CAPTURE_ENTRY = (K_CAPTURE, True, None)
+
+# Settings the server does not report (search_path before PostgreSQL 18, statement_timeout, work_mem...)
+# are invisible on the wire. After a statement that may change them, O7s reads the session's own
+# settings back, once the client is outside a transaction block, so that they follow the client to its
+# next backend and never leak to another client.
+_CAPTURE_QUERY = m.query("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'")
+_SETTISH_START = re.compile(rb"\s*(?:set|reset|discard)\b", re.IGNORECASE)
+_SETTISH_ANY = re.compile(rb";\s*(?:set|reset|discard)\b|set_config\s*\(", re.IGNORECASE)
+_DATA_ROW = ord("D")
 
 # Backend message types the relay looks at; everything else (DataRow above all) passes untouched.
 _Z, _PC, _BC, _CC, _T, _NODATA, _CMD, _EMPTY, _SUSP, _ERR, _PSTATUS = b"Z123TnCIsES"
@@ -170,7 +181,8 @@ class Session:
     __slots__ = (
         "server", "settings", "client", "peer", "creader", "send_lock", "backend", "pool", "expect",
         "unsynced", "tx_status", "statements", "client_params", "skip_until_sync", "org", "login",
-        "db_name", "user", "pid", "secret", "transaction_mode", "tls", "_pending",
+        "db_name", "user", "pid", "secret", "transaction_mode", "tls", "_pending", "settings_dirty",
+        "_captured",
     )
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
@@ -178,14 +190,14 @@ class Session:
         self.settings = server.settings
         self.client: trio.abc.Stream = stream
         self.peer = peer
-        self.creader = MessageReader(self.settings.max_message_size)
+        self.creader = MessageReader(self.settings.max_message_size, FRONTEND_TYPES)
         self.send_lock = trio.StrictFIFOLock()
         self.backend: BackendConn | None = None
         self.pool: Pool | None = None
         self.expect: deque[tuple[int, bool, bytes | None]] = deque()
         self.unsynced = False
         self.tx_status = b"I"
-        self.statements: dict[bytes, tuple[bytes, bytes]] = {}
+        self.statements: dict[bytes, tuple[bytes, bytes, bool]] = {}  # name -> (server key, Parse rest, settish)
         self.client_params: dict[str, str] = {}
         self.skip_until_sync = False
         self.org = ""
@@ -197,6 +209,8 @@ class Session:
         self.transaction_mode = self.settings.pool_mode == "transaction"
         self.tls = False
         self._pending = b""
+        self.settings_dirty = False
+        self._captured: dict[str, str] | None = None
 
     # --- top level ---------------------------------------------------------------------------
 
@@ -443,10 +457,11 @@ class Session:
         """Make the backend's session settings the client's: one round trip, only when they differ."""
         stmts: list[str] = []
         for name, value in self.client_params.items():
-            current = conn.params.get(name) if name in _SYNCED_REPORTED else conn.applied.get(name)
+            reported = name in conn.params
+            current = conn.params[name] if reported else conn.applied.get(name)
             if current != value:
                 stmts.append(f"pg_catalog.set_config('{name}', {_sql_literal(value)}, false)")
-                if name not in _SYNCED_REPORTED:
+                if not reported:
                     conn.applied[name] = value
         resets = [name for name in conn.applied if name not in self.client_params]
         if not stmts and not resets:
@@ -554,7 +569,7 @@ class Session:
 
     def _prepare_on(self, conn: BackendConn, name: bytes, out: bytearray) -> bytes:
         """Server-side name for a client's statement, injecting its Parse if this backend lacks it."""
-        key, rest = self.statements[name]
+        key, rest, _settish = self.statements[name]
         prepared = conn.prepared
         if key in prepared:
             prepared.move_to_end(key)
@@ -577,18 +592,24 @@ class Session:
         if t == 0x51:  # Query
             expect.append(_QUERY_ENTRY)
             out += buf[s:e]
+            if self.settings_dirty or _SETTISH_START.match(buf, s + 5, e) or _SETTISH_ANY.search(buf, s + 5, e):
+                self.settings_dirty = True
+                out += _CAPTURE_QUERY
+                expect.append(_CAPTURE_ENTRY)
         elif t == 0x50:  # Parse
             name, rest = m.split_parse(bytes(buf[s + 5: e]))
             self.unsynced = True
             if not name:
                 expect.append(_PARSE_ENTRY)
                 out += buf[s:e]
+                if _SETTISH_START.match(rest) or _SETTISH_ANY.search(rest):
+                    self.settings_dirty = True
                 return
             if name not in self.statements and len(self.statements) >= MAX_PREPARED_PER_CLIENT:
                 raise ClientError(codes.CONFIGURATION_LIMIT_EXCEEDED,
                                   f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
             key = _statement_key(rest)
-            self.statements[name] = (key, rest)
+            self.statements[name] = (key, rest, bool(_SETTISH_START.match(rest) or _SETTISH_ANY.search(rest)))
             if key in conn.prepared:
                 conn.prepared.move_to_end(key)
                 await self._fake(m.parse_complete())
@@ -602,6 +623,8 @@ class Session:
             portal, stmt, pos = m.split_bind(payload)
             self.unsynced = True
             if stmt and stmt in self.statements:
+                if self.statements[stmt][2]:
+                    self.settings_dirty = True
                 key = self._prepare_on(conn, stmt, out)
                 body = portal + b"\x00" + key + b"\x00" + payload[pos:]
                 out += b"B" + _I32.pack(len(body) + 4) + body
@@ -616,6 +639,9 @@ class Session:
             self.unsynced = False
             expect.append(_SYNC_ENTRY)
             out += buf[s:e]
+            if self.settings_dirty:
+                out += _CAPTURE_QUERY
+                expect.append(_CAPTURE_ENTRY)
         elif t == 0x44:  # Describe
             kind, name = m.split_describe_close(bytes(buf[s + 5: e]))
             self.unsynced = True
@@ -681,6 +707,7 @@ class Session:
         expect = self.expect
         out = bytearray()
         interesting = _INTERESTING
+        capturing = False
         while True:
             await conn.receive_messages()
             buf = reader.buf
@@ -690,6 +717,19 @@ class Session:
                 if msg is None:
                     break
                 t, s, e = msg
+                if capturing:
+                    # Everything the settings read-back says is O7s's, not the client's.
+                    out += buf[seg:s]
+                    seg = e
+                    if not self._capture(conn, t, bytes(buf[s + 5:e])):
+                        continue
+                    expect.popleft()
+                    capturing = bool(expect) and expect[0][0] == K_CAPTURE
+                    if capturing:
+                        self._captured = {}
+                    elif expect and expect[0][0] >= K_FAKE:
+                        self._drain_fakes(out)
+                    continue
                 if t not in interesting:
                     continue
                 swallow = False
@@ -728,14 +768,17 @@ class Session:
                 if swallow:
                     out += buf[seg:s]
                     seg = e
-                if popped and expect and expect[0][0] >= K_FAKE:
-                    out += buf[seg:e]
-                    seg = e
-                    while expect and expect[0][0] >= K_FAKE:
-                        kind, _sw, data = expect.popleft()
-                        out += data  # type: ignore[operator]
-                        if kind == K_FAKE_DEALLOCATE:
-                            out += m.ready_for_query(self.tx_status)
+                if popped and expect:
+                    front = expect[0][0]
+                    if front >= K_FAKE:
+                        out += buf[seg:e]
+                        seg = e
+                        self._drain_fakes(out)
+                    elif front == K_CAPTURE:
+                        out += buf[seg:e]
+                        seg = e
+                        capturing = True
+                        self._captured = {}
             out += buf[seg:reader.pos]
             if out:
                 await self._send_client(out)
@@ -746,15 +789,47 @@ class Session:
                 self.pool.release(conn)
                 return
 
+    def _drain_fakes(self, out: bytearray) -> None:
+        expect = self.expect
+        while expect and expect[0][0] >= K_FAKE:
+            kind, _sw, data = expect.popleft()
+            out += data  # type: ignore[operator]
+            if kind == K_FAKE_DEALLOCATE:
+                out += m.ready_for_query(self.tx_status)
+
+    def _capture(self, conn: BackendConn, t: int, payload: bytes) -> bool:
+        """One message of the settings read-back; True at its end (ReadyForQuery)."""
+        captured = self._captured
+        if t == _DATA_ROW and captured is not None and len(payload) >= 2:
+            pos, values = 2, []
+            for _ in range(2):
+                (n,) = _I32.unpack_from(payload, pos)
+                values.append(payload[pos + 4: pos + 4 + n].decode("utf-8", "replace") if n >= 0 else "")
+                pos += 4 + max(n, 0)
+            name = values[0]
+            # Reported parameters follow through ParameterStatus; the rest through this read-back.
+            if SYNCED_PARAMS.get(name, name) not in conn.params and not name.startswith("transaction_"):
+                captured[name] = values[1]
+        elif t == _ERR:
+            self._captured = None  # unusable: try again after the next statement
+        elif t == _PSTATUS:
+            name, value = m.parse_parameter_status(payload)
+            conn.params[name] = value
+        elif t == _Z:
+            # Only a read-back outside a transaction block is final: a rollback may still undo a SET.
+            if captured is not None and payload[:1] == b"I":
+                for name in [n for n in self.client_params if n not in conn.params]:
+                    del self.client_params[name]
+                self.client_params.update(captured)
+                conn.applied = dict(captured)
+                self.settings_dirty = False
+            self._captured = None
+            return True
+        return False
+
     def _on_command_tag(self, conn: BackendConn, tag: bytearray) -> None:
         if tag == b"DISCARD ALL" or tag == b"DEALLOCATE ALL":
             conn.prepared.clear()
-        if tag == b"DISCARD ALL" or tag == b"RESET":
-            # The server went back to its defaults for settings it does not report.
-            for name in list(self.client_params):
-                if name not in _SYNCED_REPORTED:
-                    del self.client_params[name]
-            conn.applied.clear()
 
     def cancel(self) -> None:
         """A CancelRequest with this session's key arrived: pass it to the backend running its query."""

@@ -25,12 +25,13 @@ class MessageReader:
     messages with one slice; the caller must use them before the next `feed()`.
     """
 
-    __slots__ = ("buf", "pos", "max_size")
+    __slots__ = ("buf", "pos", "max_size", "types")
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, types: frozenset[int] | None = None) -> None:
         self.buf = bytearray()
         self.pos = 0
         self.max_size = max_size
+        self.types = types  # when set, any other type byte is refused before its body is awaited
 
     def feed(self, data: bytes) -> None:
         if self.pos:
@@ -43,7 +44,11 @@ class MessageReader:
         buf = self.buf
         pos = self.pos
         if len(buf) - pos < 5:
+            if self.types is not None and len(buf) > pos and buf[pos] not in self.types:
+                raise ProtocolViolation(f"invalid message type {buf[pos]:#04x}")
             return None
+        if self.types is not None and buf[pos] not in self.types:
+            raise ProtocolViolation(f"invalid message type {buf[pos]:#04x}")
         length = _I32.unpack_from(buf, pos + 1)[0]
         if length < 4 or length > self.max_size:
             raise ProtocolViolation(f"invalid message length {length} (limit {self.max_size})")
@@ -65,6 +70,10 @@ class MessageReader:
         self.buf.clear()
         self.pos = 0
         return rest
+
+
+# Every message type a frontend may send once started (PostgreSQL refuses others at once).
+FRONTEND_TYPES = frozenset(b"QPBEDCSHFdcfXp")
 
 
 def startup_length(head: bytes) -> int:
