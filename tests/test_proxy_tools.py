@@ -179,7 +179,10 @@ def test_pgbench_counters_same_as_direct(proxy, bench_db, pool_mode, qmode, tmp_
     script = tmp_path / "counters.sql"
     script.write_text(COUNTER_SCRIPT)
     os.chmod(tmp_path, 0o777)
-    args = ["-M", qmode, "-c", str(clients), "-j", "3", "-t", str(txs), "-f", str(script)]
+    # pgbench -M prepared prepares with blocking calls: with fewer threads than clients, a thread can wait
+    # for a backend held by its own other clients (README, "Note for pgbench users"); see the xfail below.
+    threads = clients if qmode == "prepared" and pool_mode == "transaction" else 3
+    args = ["-M", qmode, "-c", str(clients), "-j", str(threads), "-t", str(txs), "-f", str(script)]
 
     reset_counters(org)
     direct = run_pgbench(args, [org.backend_dsn], None)
@@ -199,13 +202,30 @@ def test_pgbench_counters_same_as_direct(proxy, bench_db, pool_mode, qmode, tmp_
     assert counters == expect
 
 
+@pytest.mark.xfail(reason="README: pgbench -M prepared with -c > -j and -c > pool_size can starve the pool "
+                          "(blocking PQprepare needs a backend while the same thread's clients hold them all)",
+                   strict=False)
+def test_pgbench_prepared_fewer_threads_than_clients(proxy, bench_db, pool_mode, tmp_path):
+    if pool_mode != "transaction":
+        pytest.skip("transaction mode only")
+    org = bench_db
+    script = tmp_path / "counters.sql"
+    script.write_text(COUNTER_SCRIPT)
+    os.chmod(tmp_path, 0o777)
+    reset_counters(org)
+    p = run_pgbench(["-M", "prepared", "-c", "30", "-j", "3", "-t", "20", "-f", str(script)],
+                    proxy_target(proxy, org), org.password)
+    check_pgbench_ok(p, 30, 20)
+
+
 @pytest.mark.parametrize("qmode", ["simple", "extended", "prepared"])
 def test_pgbench_tpcb_builtin(proxy, bench_db, pool_mode, qmode):
     org = bench_db
     clients, txs = (25, 20) if pool_mode == "transaction" else (8, 20)
     with backend(org) as conn:
         before = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0]
-    p = run_pgbench(["-b", "tpcb-like", "-M", qmode, "-c", str(clients), "-j", "3", "-t", str(txs)],
+    threads = clients if qmode == "prepared" and pool_mode == "transaction" else 3  # see README
+    p = run_pgbench(["-b", "tpcb-like", "-M", qmode, "-c", str(clients), "-j", str(threads), "-t", str(txs)],
                     proxy_target(proxy, org), org.password)
     check_pgbench_ok(p, clients, txs)
     with backend(org) as conn:
