@@ -38,6 +38,21 @@ class Settings:
     max_message_size: int = 64 * 1024 * 1024  # cap for any length read from the wire
     catalog_ttl: float = 5.0  # seconds control-plane answers are cached per worker
     log_level: str = "info"
+    # --- cluster (supervisor and workers) ---
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    admin_listen: str | None = None  # HOST:PORT of the admin HTTP port; None: no admin port
+    drain_timeout: float = 30.0  # SIGTERM: how long open transactions may take to finish
+    machine_id: int = 0  # 0-127, encoded in the BackendKeyData O7s hands out
+    run_dir: str | None = None  # where workers' Unix sockets live (default: a fresh temp dir)
+    # --- limits (Redis) ---
+    redis_url: str | None = field(default=None, repr=False)
+    rate_sync_interval: float = 0.1  # T: how often a worker tops up its local tokens from Redis
+    rate_burst_seconds: float = 1.0  # B = L x this, for tiers that may burst (others: B = 1)
+    # --- usage ---
+    usage_window: float = 10.0
+    spool_dir: str = ".o7s/spool"
+    mongodb_url: str | None = field(default=None, repr=False)
+    usage_sink_postgres: bool = True  # ship usage records to the control plane's platform.usage_metrics
 
     @property
     def listen(self) -> str:
@@ -91,13 +106,26 @@ def _convert(name: str, value: Any) -> Any:
         return int(value)
     if name == "max_message_size":
         return _size(value)
-    if name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout", "catalog_ttl"):
+    if name in ("workers", "machine_id"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(value)
+    if name == "usage_sink_postgres":
+        if isinstance(value, bool):
+            return value
+        v = str(value).strip().lower()
+        if v not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return v in ("1", "true", "yes", "on")
+    if name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout", "catalog_ttl",
+                "drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window"):
         return _duration(value)
     if value is None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
-    if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key"):
+    if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key", "admin_listen", "run_dir", "redis_url",
+                "mongodb_url"):
         return value.strip() or None
     return value.strip()
 
@@ -118,7 +146,7 @@ def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> No
         except ValueError as e:
             if isinstance(e, ConfigError):
                 raise
-            shown = "" if name in ("platform_dsn", "secret_key") else f": {e}"
+            shown = "" if name in ("platform_dsn", "secret_key", "redis_url", "mongodb_url") else f": {e}"
             raise ConfigError(f"{origin}: invalid {key}{shown}") from None
 
 
@@ -130,6 +158,18 @@ def _validate(s: Settings) -> None:
     if not 0 <= s.listen_port <= 65535:
         raise ConfigError(f"listen port must be 0-65535, not {s.listen_port}")
     for name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name} must be greater than 0")
+    if not 1 <= s.workers <= 64:
+        raise ConfigError("workers must be between 1 and 64")
+    if not 0 <= s.machine_id <= 127:
+        raise ConfigError("machine_id must be between 0 and 127")
+    if s.admin_listen is not None:
+        try:
+            parse_listen(s.admin_listen)
+        except ValueError as e:
+            raise ConfigError(f"admin_listen: {e}") from None
+    for name in ("drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0")
     if s.catalog_ttl < 0:
@@ -144,13 +184,18 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name}: no such file: {path}")
 
 
-_ENV_NAMES = {f"O7S_{n.upper()}": n for n in [*_FIELDS, "listen"]} | {"DATABASE_URL": "platform_dsn"}
+_ENV_NAMES = {f"O7S_{n.upper()}": n for n in [*_FIELDS, "listen"]} | {
+    "DATABASE_URL": "platform_dsn", "REDIS_URL": "redis_url", "MONGODB_URL": "mongodb_url",
+}
+# Railway-style names, used when the O7S_* one is not set.
+_FALLBACK_ENV = {"DATABASE_URL": "O7S_PLATFORM_DSN", "REDIS_URL": "O7S_REDIS_URL", "MONGODB_URL": "O7S_MONGODB_URL"}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
-    out = {var: env[var] for var in _ENV_NAMES if env.get(var) and var != "DATABASE_URL"}
-    if "O7S_PLATFORM_DSN" not in out and env.get("DATABASE_URL"):
-        out["DATABASE_URL"] = env["DATABASE_URL"]
+    out = {var: env[var] for var in _ENV_NAMES if env.get(var) and var not in _FALLBACK_ENV}
+    for var, primary in _FALLBACK_ENV.items():
+        if primary not in out and env.get(var):
+            out[var] = env[var]
     return out
 
 
