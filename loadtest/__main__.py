@@ -47,6 +47,9 @@ def _common(p: argparse.ArgumentParser, rate: float, duration: float) -> None:
                    help="take Locust's own per-request statistics off the request event")
     p.add_argument("--no-phase-jitter", action="store_true",
                    help="do not spread users' start phases (shows the burst artefact)")
+    p.add_argument("--gevent-poll-wait", action="store_true",
+                   help="let psycopg wait through gevent's select.poll emulation (its default under gevent) "
+                        "instead of loadtest/gwait.py")
     p.add_argument("--out", default=str(bench.HERE / "results"), help="results directory (%(default)s)")
     p.add_argument("--workdir", default=None, help="parent of the throwaway servers' directory (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the throwaway servers' directory")
@@ -61,7 +64,8 @@ def _options(a) -> bench.Options:
         users=a.users, rate=a.rate, duration=a.duration, warmup=a.warmup, spawn_rate=a.spawn_rate,
         locust_processes=a.locust_processes, orgs=a.orgs, tier=a.tier, rows=a.rows, mix=a.mix,
         workers=a.workers, targets=targets, prepare_threshold=a.prepare_threshold,
-        locust_stats=not a.no_locust_stats, phase_jitter=not a.no_phase_jitter, out=a.out, keep=a.keep,
+        locust_stats=not a.no_locust_stats, phase_jitter=not a.no_phase_jitter,
+        fast_wait=not a.gevent_poll_wait, out=a.out, keep=a.keep,
     )
 
 
@@ -105,6 +109,10 @@ def compare(a) -> int:
             log(f"kept {wd}")
     path = report.write_report(out)
     log(f"wrote {path}")
+    failed = [r["target"] for r in results if not r["requests"] or r["connected"] < r["users"]]
+    if failed:
+        log(f"no usable measurement for: {', '.join(failed)} (see the run notes in the report)")
+        return 1
     return 0
 
 

@@ -40,6 +40,7 @@ class Options:
     prepare_threshold: int | None = None
     locust_stats: bool = True
     phase_jitter: bool = True
+    fast_wait: bool = True
     out: str = str(HERE / "results")
     keep: bool = False
 
@@ -165,7 +166,7 @@ def run_target(stack: Stack, target: str, opts: Options, run_dir: Path, log=prin
         "targets": stack.dsns(target), "mix": opts.mix, "rate_per_user": opts.rate / opts.users,
         "rows": opts.rows, "window_start": w_start, "window_end": w_end, "out_dir": str(run_dir),
         "prepare_threshold": opts.prepare_threshold, "locust_stats": opts.locust_stats,
-        "phase_jitter": opts.phase_jitter,
+        "phase_jitter": opts.phase_jitter, "fast_wait": opts.fast_wait,
     }
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
@@ -194,11 +195,23 @@ def run_target(stack: Stack, target: str, opts: Options, run_dir: Path, log=prin
 
     th = threading.Thread(target=lambda: (snapshot("start", w_start), snapshot("end", w_end)), daemon=True)
     th.start()
-    try:
-        rc = proc.wait(timeout=run_time + 120)
-    except subprocess.TimeoutExpired:
+    # Locust's worker processes write their histograms when they quit, which can be after the
+    # master has exited: remember them and wait for them too.
+    workers: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + run_time + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            for c in psutil.Process(proc.pid).children(recursive=True):
+                workers.setdefault(c.pid, c)
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    if proc.poll() is None:
         proc.kill()
-        rc = proc.wait()
+    rc = proc.wait()
+    _, alive = psutil.wait_procs(list(workers.values()), timeout=30)
+    for p in alive:
+        p.kill()
     th.join(5)
     return collect(target, opts, run_dir, snaps, rc, w_end - w_start)
 
@@ -247,11 +260,14 @@ def collect(target: str, opts: Options, run_dir: Path, snaps: dict, rc: int, win
         res["postgres_cpu_s"] = sum(v for _, v in pg.values())
         mb, mt = b["machine"][0] - a["machine"][0], b["machine"][1] - a["machine"][1]
         res["machine_busy_frac"] = mb / mt if mt else 0.0
+        res["machine_busy_s"] = mb
         if "proxy" in a:
             px = cpu_delta(a["proxy"], b["proxy"])
             res["proxy_cpu_s"] = sum(v for _, v in px.values())
             res["proxy_cpu_per_process"] = sorted(((n, round(v, 3)) for n, v in px.values() if v > 0.001),
                                                   key=lambda x: -x[1])
+        # CPU that no process of this benchmark used: other work on a shared machine.
+        res["other_cpu_s"] = max(0.0, mb - res["locust_cpu_s"] - res["postgres_cpu_s"] - res.get("proxy_cpu_s", 0.0))
         k = ok_statements / 1000 if ok_statements else 0
         for key in ("proxy_cpu_s", "postgres_cpu_s", "locust_cpu_s"):
             if key in res and k:

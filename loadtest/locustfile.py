@@ -8,7 +8,8 @@ Config (JSON): targets (one DSN per org; users are spread over them round-robin)
 read / update / txn), rate_per_user (tasks/s per user, via `constant_throughput`), rows (account ids
 are drawn from 1..rows), window_start / window_end (Unix times: only requests started inside the
 window go into our histogram, so the connect ramp is left out), out_dir (where each process writes
-its histogram as hist-<pid>.json), prepare_threshold (psycopg's; null = never prepare, which
+its histogram as hist-<pid>.json), fast_wait (default true: psycopg waits through
+loadtest/gwait.py instead of gevent's select.poll emulation), prepare_threshold (psycopg's; null = never prepare, which
 PgBouncer < 1.21 needs in transaction mode), locust_stats (false = skip Locust's per-request
 statistics bookkeeping, see README).
 
@@ -26,6 +27,7 @@ from locust import User, constant_throughput, events, task
 
 import gc
 import json
+import logging
 import os
 import random
 import sys
@@ -41,12 +43,21 @@ from psycopg import waiting
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loadtest.hdr import Histogram  # noqa: E402
 
+# When the run stops, Locust kills users in the middle of a query; psycopg then logs a warning per
+# connection about the rollback it could not send. Those are after the measurement window.
+logging.getLogger("psycopg").setLevel(logging.ERROR)
+
 CONFIG: dict = json.loads(Path(os.environ["LT_CONFIG"]).read_text()) if os.environ.get("LT_CONFIG") else {
     "targets": [os.environ.get("LT_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")],
     "mix": {"read": 80, "update": 15, "txn": 5},
     "rate_per_user": 1.0, "rows": 10000, "window_start": 0, "window_end": 1e12,
     "out_dir": None, "prepare_threshold": None, "locust_stats": True,
 }
+
+if CONFIG.get("fast_wait", True):
+    from loadtest import gwait
+
+    gwait.install()
 
 OPS = ("read", "update", "txn")
 _MIX = CONFIG.get("mix", {"read": 80, "update": 15, "txn": 5})
@@ -73,6 +84,8 @@ def assert_green() -> dict:
     if not (monkey.is_module_patched("select") and monkey.is_module_patched("socket")):
         raise RuntimeError("gevent monkey-patching is not in effect")
     wait_c = getattr(waiting, "wait_c", None)
+    if CONFIG.get("fast_wait", True) and waiting.wait.__name__ != "wait_gevent":
+        raise RuntimeError("the gevent wait function for psycopg is not installed")
     if wait_c is not None and waiting.wait is wait_c:
         raise RuntimeError("psycopg uses its blocking C wait function: it was imported before gevent patched")
     ticks = [0]

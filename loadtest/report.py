@@ -87,8 +87,8 @@ def _table(results: list[dict]) -> list[str]:
     lines = [
         "| target | P50 ms | P95 ms | P99 ms | max ms | offered req/s | achieved req/s | achieved queries/s "
         "| errors | proxy CPU s / 1k queries | Postgres CPU s / 1k queries | Locust CPU s / 1k queries "
-        "| Locust CPU (cores) | machine busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Locust CPU (cores) | machine busy | other processes (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         L = r["latency"]
@@ -98,7 +98,8 @@ def _table(results: list[dict]) -> list[str]:
             f"| {r['offered_rps']:g} | {r['achieved_rps']:.0f} | {r['achieved_qps']:.0f} | {r['errors']} "
             f"| {_f(r.get('proxy_cpu_s_per_1k_q'), 3) if 'proxy_cpu_s' in r else 'n/a (no proxy)'} "
             f"| {_f(r.get('postgres_cpu_s_per_1k_q'), 3)} | {_f(r.get('locust_cpu_s_per_1k_q'), 3)} "
-            f"| {_f(r.get('locust_cpu_s', 0) / w if w else None)} | {_f(100 * r.get('machine_busy_frac', 0), 0)} % |"
+            f"| {_f(r.get('locust_cpu_s', 0) / w if w else None)} | {_f(100 * r.get('machine_busy_frac', 0), 0)} % "
+            f"| {_f(r.get('other_cpu_s', 0) / w if w else None)} |"
         )
     return lines
 
