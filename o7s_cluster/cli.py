@@ -150,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "platform_dsn": getattr(args, "platform_dsn", None), "startup_timeout": args.startup_timeout,
         "pool_timeout": args.pool_timeout, "server_idle_timeout": args.server_idle_timeout,
         "server_connect_timeout": args.server_connect_timeout, "max_message_size": args.max_message_size,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "workers": args.workers, "admin_listen": args.admin,
+        "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
     }
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
@@ -160,18 +161,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with embedded_platform(settings) as (settings, psql_line):
             print(f"O7s embedded mode: a throwaway control plane and a demo org. Connect with:\n  {psql_line}",
                   flush=True)
-            _run_server(server, settings)
+            _run_server(server, settings, None)
         return 0
     Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
     from o7s_cluster import server
 
-    _run_server(server, settings)
+    _run_server(server, settings, lambda: load_settings(args.config, overrides=flags))
     return 0
 
 
-def _run_server(server: Any, settings: Any) -> None:
+def _run_server(server: Any, settings: Any, reload: Any) -> None:
     try:
-        server.run(settings)
+        server.run(settings, reload)
     except OSError as e:  # typically the listen address: in use, not ours, not resolvable
         raise CommandError(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
 
@@ -240,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-connect-timeout", metavar="SECONDS")
     s.add_argument("--max-message-size", metavar="BYTES")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
+    s.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP port: /health /ready /metrics /v1/... "
+                   "(default: none)")
+    s.add_argument("--drain-timeout", metavar="SECONDS", help="SIGTERM: time open transactions get (default 30)")
+    s.add_argument("--machine-id", metavar="N", help="0-127, distinguishes machines in cancel keys (default 0)")
+    s.add_argument("--redis-url", metavar="URL", help="shared limits state (default: $REDIS_URL; none: node-local)")
     return p
 
 

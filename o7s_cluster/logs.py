@@ -27,9 +27,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
-def setup(level: str = "info") -> None:
+class _Static(logging.Filter):
+    """Adds fields every line of this process carries (e.g. the worker index)."""
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def setup(level: str = "info", **static: object) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    if static:
+        handler.addFilter(_Static(static))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

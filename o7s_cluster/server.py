@@ -1,4 +1,4 @@
-"""The trio server of one worker: listeners, sessions, pools, and cancel routing."""
+"""The state of one worker: its sessions, pools, cancel routing and drain."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import secrets
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from o7s_cluster import logs
+from o7s_cluster.affinity import COUNTER_BITS, make_pid, split_pid
 from o7s_cluster.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.config import Settings
 from o7s_cluster.pgwire import errors as codes
@@ -21,14 +22,22 @@ from o7s_cluster.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.session import ClientError, Session
 from o7s_cluster.vault import Vault
 
+if TYPE_CHECKING:
+    from o7s_cluster.worker import Router
+
 log = logging.getLogger("o7s.server")
 
 
 class Server:
     """State shared by the sessions of one worker."""
 
-    def __init__(self, settings: Settings, catalog: TrioCatalog, nursery: trio.Nursery) -> None:
+    def __init__(self, settings: Settings, catalog: TrioCatalog, nursery: trio.Nursery, *,
+                 worker_index: int = 0, router: Router | None = None) -> None:
         self.settings = settings
+        self.worker_index = worker_index
+        self.router = router
+        self.all_sessions: set[Session] = set()
+        self.draining = False
         self.catalog = catalog
         self.nursery = nursery
         self.pools = PoolManager(PoolSettings(
@@ -49,15 +58,30 @@ class Server:
             peer = "%s:%s" % stream.socket.getpeername()[:2]
         except OSError:
             peer = "?"
-        await Session(self, stream, peer).run()
+        await self.run_session(Session(self, stream, peer))
+
+    async def run_session(self, session: Session) -> None:
+        if self.draining:
+            session.drain()
+        self.all_sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.all_sessions.discard(session)
+
+    def drain(self) -> None:
+        """Every session ends at its next transaction boundary (idle ones now)."""
+        self.draining = True
+        for session in list(self.all_sessions):
+            session.drain()
 
     def register(self, session: Session) -> tuple[int, int]:
         """A BackendKeyData of O7s's own for this session (the backend's never leaves O7s)."""
-        for _ in range(1 << 20):
-            self._next_pid = (self._next_pid + 1) & 0x3FFFFFFF or 1
-            if self._next_pid not in self.sessions:
+        for _ in range(1 << COUNTER_BITS):
+            self._next_pid = (self._next_pid + 1) & ((1 << COUNTER_BITS) - 1) or 1
+            pid = make_pid(self.settings.machine_id, self.worker_index, self._next_pid)
+            if pid not in self.sessions:
                 break
-        pid = self._next_pid
         self.sessions[pid] = session
         return pid, int.from_bytes(os.urandom(4), "big", signed=True)
 
@@ -66,6 +90,10 @@ class Server:
             del self.sessions[session.pid]
 
     def cancel(self, pid: int, secret: int) -> None:
+        machine, worker, _ = split_pid(pid)
+        if worker != self.worker_index and machine == self.settings.machine_id and self.router is not None:
+            self.router.forward_cancel(worker, pid, secret)
+            return
         session = self.sessions.get(pid)
         if session is not None and hmac.compare_digest(secret.to_bytes(4, "big", signed=True),
                                                       session.secret.to_bytes(4, "big", signed=True)):
@@ -104,33 +132,9 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(settings: Settings, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
-    assert settings.platform_dsn and settings.secret_key
-    catalog = TrioCatalog(settings.platform_dsn, Vault(settings.secret_key), ttl=settings.catalog_ttl)
-    await catalog.check_key()
-    listeners = await trio.open_tcp_listeners(settings.listen_port, host=settings.listen_host, backlog=4096)
-    try:
-        async with trio.open_nursery() as nursery:
-            server = Server(settings, catalog, nursery)
-            nursery.start_soon(server.pools.run_reaper)
-            nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
-            log.info("listening", extra={"listen": settings.listen, "pool_mode": settings.pool_mode})
-            task_status.started(listeners)
-            await trio.serve_listeners(server.handle, listeners, handler_nursery=nursery)
-    finally:
-        with trio.CancelScope(shield=True):
-            await server.pools.close()
-        catalog.close()
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """`o7s serve`: a supervisor and its worker processes; `reload` re-reads settings on SIGHUP."""
+    from o7s_cluster import cluster
 
-
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("stopping", extra={"signal": signal.Signals(signum).name})
-            scope.cancel()
-            return
-
-
-def run(settings: Settings) -> None:
-    logs.setup(settings.log_level)
-    trio.run(serve, settings)
+    logs.setup(settings.log_level, role="supervisor")
+    trio.run(cluster.supervise, settings, reload)

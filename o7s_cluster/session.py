@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import socket
 import ssl
 import struct
 from collections import deque
@@ -34,6 +35,7 @@ from o7s_cluster.pgwire.framing import (
     read_cstring,
     startup_length,
 )
+from o7s_cluster.pgwire.clienthello import MAX_CLIENT_HELLO, NeedMore, org_from_server_name, server_name
 from o7s_cluster.pgwire.scram import ScramError, ScramServer
 
 if TYPE_CHECKING:
@@ -182,10 +184,11 @@ class Session:
         "server", "settings", "client", "peer", "creader", "send_lock", "backend", "pool", "expect",
         "unsynced", "tx_status", "statements", "client_params", "skip_until_sync", "org", "login",
         "db_name", "user", "pid", "secret", "transaction_mode", "tls", "_pending", "settings_dirty",
-        "_captured",
+        "_captured", "tls_pending", "handed_off", "draining", "scope",
     )
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str, *, preread: bytes = b"",
+                 tls_pending: bool = False, handed_off: bool = False) -> None:
         self.server = server
         self.settings = server.settings
         self.client: trio.abc.Stream = stream
@@ -208,13 +211,36 @@ class Session:
         self.secret = 0
         self.transaction_mode = self.settings.pool_mode == "transaction"
         self.tls = False
-        self._pending = b""
+        self._pending = preread  # start-up bytes another worker already read for us
+        self.tls_pending = tls_pending  # the SSLRequest was answered 'S' before the hand-off
+        self.handed_off = handed_off
+        self.draining = False
+        self.scope = trio.CancelScope()
         self.settings_dirty = False
         self._captured: dict[str, str] | None = None
 
     # --- top level ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            with self.scope:
+                await self._run()
+            if self.scope.cancelled_caught:  # drained (SIGTERM, or the drain timeout ran out)
+                await self._send_final(m.error_response(
+                    "FATAL", codes.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
+                    hint="O7s is restarting or scaling down; reconnect."))
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    def drain(self) -> None:
+        """Stop this session once it is between transactions (now, if it already is)."""
+        self.draining = True
+        conn = self.backend
+        if not self.login or (not self.expect and (conn is None or self._clean(conn))):
+            self.scope.cancel()
+
+    async def _run(self) -> None:
         try:
             try:
                 with trio.fail_after(self.settings.startup_timeout):
@@ -246,9 +272,6 @@ class Session:
                 with trio.CancelScope(shield=True):
                     await self.pool.discard(conn)
             await self._send_final(m.error_response("FATAL", codes.INTERNAL_ERROR, "internal error in O7s"))
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._cleanup()
 
     async def _send_final(self, data: bytes) -> None:
         """Send a last error, then linger briefly so that unread client bytes do not turn our FIN
@@ -321,7 +344,32 @@ class Session:
                 raise trio.BrokenResourceError("client closed during authentication")
             self.creader.feed(data)
 
+    async def _start_tls(self) -> None:
+        ctx = self.server.tls_context
+        assert ctx is not None
+        tls_stream = trio.SSLStream(self.client, ctx, server_side=True)
+        await tls_stream.do_handshake()
+        self.client = tls_stream
+        self.tls = True
+
+    async def _peek_server_name(self) -> str | None:
+        """The org from the SNI of the ClientHello still unread in the socket (for TLS hand-off)."""
+        sock = getattr(self.client, "socket", None)
+        if sock is None:
+            return None
+        for _ in range(200):
+            data = await sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
+            if not data:
+                return None
+            try:
+                return org_from_server_name(server_name(data))
+            except NeedMore:
+                await trio.sleep(0.005)
+        return None
+
     async def _startup(self) -> bool:
+        if self.tls_pending:
+            await self._start_tls()
         while True:
             head = await self._recv_exact(4)
             body = await self._recv_exact(startup_length(head) - 4)
@@ -334,10 +382,11 @@ class Session:
                 if self._pending:
                     raise ProtocolViolation("data after SSLRequest before the TLS handshake")
                 await self.client.send_all(b"S")
-                tls_stream = trio.SSLStream(self.client, ctx, server_side=True)
-                await tls_stream.do_handshake()
-                self.client = tls_stream
-                self.tls = True
+                if not self.handed_off and self.server.router is not None:
+                    org = await self._peek_server_name()
+                    if org and await self.server.router.hand_off(org, self.client, b"", tls_pending=True):
+                        return False
+                await self._start_tls()
                 continue
             if isinstance(packet, GSSENCRequest):
                 await self.client.send_all(b"N")
@@ -346,6 +395,10 @@ class Session:
                 self.server.cancel(packet.pid, packet.secret)
                 return False
             assert isinstance(packet, StartupMessage)
+            if not self.tls and not self.handed_off and self.server.router is not None:
+                org = packet.params["user"].rpartition(".")[2]
+                if await self.server.router.hand_off(org, self.client, head + body + self._pending):
+                    return False
             break
         if self._pending:
             self.creader.feed(self._pending)
@@ -783,11 +836,14 @@ class Session:
             if out:
                 await self._send_client(out)
                 out.clear()
-            if self.transaction_mode and self._clean(conn) and self.backend is conn:
-                self.backend = None
-                assert self.pool is not None
-                self.pool.release(conn)
-                return
+            if self._clean(conn):
+                if self.draining:
+                    self.scope.cancel()
+                if self.transaction_mode and self.backend is conn:
+                    self.backend = None
+                    assert self.pool is not None
+                    self.pool.release(conn)
+                    return
 
     def _drain_fakes(self, out: bytearray) -> None:
         expect = self.expect
