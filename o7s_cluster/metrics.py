@@ -64,10 +64,11 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 SNAPSHOT_VERSION = 1
-CONTENT_TYPE = CONTENT_TYPE_LATEST  # "text/plain; version=0.0.4; charset=utf-8"
+# The classic text format generate_latest() writes (prometheus_client's CONTENT_TYPE_LATEST now names 1.0.0).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Upper bounds of the query latency histogram, in seconds: 1-2.5-5 steps from 0.25 ms to 10 s (the usual
 # Prometheus shape, so dashboards can pick e.g. le="0.015"-ish neighbours 0.01 and 0.025 for the 15 ms goal).

@@ -1,0 +1,413 @@
+"""The admin HTTP port, served by the supervisor process: health, readiness, metrics, cluster and org figures.
+
+Endpoints (JSON is orjson; errors are ``{"error": "..."}``)::
+
+    GET  /health          200 "ok" while the supervisor is alive (503 "not alive" otherwise)
+    GET  /ready           200 / 503, {"ready": bool, ...the view's reasons...}
+    GET  /metrics         Prometheus text format 0.0.4, aggregated over all workers (see metrics.py)
+    GET  /v1/cluster      workers: index, pid, state, started_at, the orgs each one holds (+ live connections)
+    GET  /v1/orgs/{org}   live connections, qps and other rates, totals, latency, pool state; 404 if never seen
+    POST /v1/workers      {"count": N} with 1 <= N <= 64: scale the cluster; 200 with the new state, 400 on bad input
+
+HTTP is served by Hypercorn's trio worker (``hypercorn.trio.serve``): it does the HTTP/1.1 parsing, keep-alive
+and graceful shutdown, which are the parts worth not writing. The application on top is a small hand-routed
+ASGI callable rather than Starlette: there are six fixed routes with no middleware, templates or forms, and
+keeping the supervisor free of a web framework (and of the anyio layer Starlette needs on trio) leaves one
+less thing between an SRE and the figures when the cluster is in trouble.
+
+Rates (``qps`` and friends in ``/v1/orgs/{org}``) are computed in this process from the counters of two
+gatherings at least ``rate_interval`` (1 s) apart: every gathering (any ``/metrics`` scrape, ``/v1/cluster``
+or ``/v1/orgs`` request) keeps a small sample of per-org totals, at most one per second, the last 16. A
+request that finds no sample old enough gathers, waits out the rest of the interval and gathers again, so the
+first ``/v1/orgs`` call after a quiet spell takes up to a second and later ones answer at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+import orjson
+import trio
+
+from o7s_cluster.config import parse_listen
+from o7s_cluster.metrics import (
+    CONTENT_TYPE,
+    LATENCY_BUCKETS,
+    CounterCarry,
+    LabelBudget,
+    POOL_GAUGES,
+    DEFAULT_MAX_ORG_LABELS,
+    render_prometheus,
+)
+
+log = logging.getLogger("o7s.admin")
+
+MIN_WORKERS, MAX_WORKERS = 1, 64
+MAX_BODY = 64 * 1024
+_RATE_FIELDS = ("queries", "errors", "throttled", "refused")
+
+
+class ClusterView(Protocol):
+    """What the supervisor gives the admin server (implemented by the cluster, o7s_cluster/cluster.py)."""
+
+    def alive(self) -> bool: ...
+
+    async def ready(self) -> tuple[bool, dict]: ...  # all workers up and control plane reachable; dict explains
+
+    async def snapshots(self) -> list[dict]: ...  # WorkerMetrics.snapshot() of every live worker
+
+    def workers(self) -> list[dict]: ...  # [{"index", "pid", "state", "started_at", "orgs": [...]}, ...]
+
+    async def set_workers(self, n: int) -> dict: ...  # scale; returns the new state
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+class _Sample:
+    __slots__ = ("t", "totals")
+
+    def __init__(self, t: float, totals: dict[str, list[float]]) -> None:
+        self.t = t
+        self.totals = totals  # org -> [queries, errors, throttled, refused, latency_sum, latency_count]
+
+
+class AdminApp:
+    """The ASGI application. One per admin server; it keeps the state rates and stable labels need."""
+
+    def __init__(self, view: ClusterView, *, max_org_labels: int = DEFAULT_MAX_ORG_LABELS,
+                 gather_timeout: float = 5.0, ready_timeout: float = 5.0, rate_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.view = view
+        self.gather_timeout = gather_timeout
+        self.ready_timeout = ready_timeout
+        self.rate_interval = rate_interval
+        self.clock = clock
+        self.carry = CounterCarry()
+        self.budget = LabelBudget(max_org_labels)
+        self.samples: deque[_Sample] = deque(maxlen=16)
+        self._gather_lock = trio.Lock()
+        self._latest = _Sample(clock(), {})
+        self._routes: dict[tuple[str, str], Callable[..., Awaitable[tuple[int, list, bytes]]]] = {
+            ("GET", "/health"): self.health,
+            ("GET", "/ready"): self.ready,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/v1/cluster"): self.cluster,
+            ("POST", "/v1/workers"): self.set_workers,
+        }
+
+    # ------------------------------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        head = method == "HEAD"
+        try:
+            status, headers, body = await self._dispatch("GET" if head else method, scope["path"], receive)
+        except HTTPError as e:
+            status, headers, body = e.status, [(b"content-type", b"application/json"), *e.headers], \
+                orjson.dumps({"error": e.message})
+        except Exception:  # noqa: BLE001 - one bad request must not take the admin port down
+            log.exception("admin request failed", extra={"path": scope["path"], "method": method})
+            status, headers, body = 500, [(b"content-type", b"application/json")], \
+                orjson.dumps({"error": "internal error (see the supervisor's log)"})
+        headers = [*headers, (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else body})
+
+    async def _dispatch(self, method: str, path: str, receive: Callable) -> tuple[int, list, bytes]:
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/")
+        handler = self._routes.get((method, path))
+        if handler is not None:
+            if method == "POST":
+                return await handler(await self._body(receive))
+            return await handler()
+        if path.startswith("/v1/orgs/") and len(path) > len("/v1/orgs/"):
+            if method != "GET":
+                raise HTTPError(405, "method not allowed", [(b"allow", b"GET, HEAD")])
+            return await self.org(unquote(path[len("/v1/orgs/"):]))
+        allowed = [m for (m, p) in self._routes if p == path]
+        if allowed:
+            allow = ", ".join(sorted({*allowed, *(["HEAD"] if "GET" in allowed else [])}))
+            raise HTTPError(405, "method not allowed", [(b"allow", allow.encode())])
+        raise HTTPError(404, f"no such endpoint: {path}")
+
+    @staticmethod
+    async def _body(receive: Callable) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(400, "client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HTTPError(413, f"request body over {MAX_BODY} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # ------------------------------------------------------------------------------------------ gathering
+
+    async def gather(self) -> tuple[list[dict], list[dict]]:
+        """Snapshots of every worker (with stale ones for live workers that did not answer and the
+        carried-over counters of dead ones), and the view's worker list."""
+        async with self._gather_lock:
+            snaps: list[dict] = []
+            with trio.move_on_after(self.gather_timeout) as scope:
+                snaps = list(await self.view.snapshots())
+            if scope.cancelled_caught:
+                log.warning("workers' metrics snapshots timed out", extra={"timeout": self.gather_timeout})
+            workers = list(self.view.workers())
+            live = [int(w["pid"]) for w in workers if w.get("pid") and w.get("state", "up") != "down"]
+            effective = self.carry.update(snaps, live)
+            self._sample(effective)
+            return effective, workers
+
+    def _sample(self, snapshots: list[dict]) -> _Sample:
+        totals: dict[str, list[float]] = {}
+        for snap in snapshots:
+            for o in snap.get("orgs", ()):
+                acc = totals.get(o["org"])
+                if acc is None:
+                    acc = totals[o["org"]] = [0, 0, 0, 0, 0.0, 0]
+                for i, name in enumerate(_RATE_FIELDS):
+                    acc[i] += o.get(name, 0)
+                acc[4] += o.get("latency_sum", 0.0)
+                acc[5] += sum(o.get("latency_counts", ()))
+        sample = _Sample(self.clock(), totals)
+        if not self.samples or sample.t - self.samples[-1].t >= self.rate_interval - 1e-3:
+            self.samples.append(sample)
+        self._latest = sample
+        return sample
+
+    def _baseline(self, now: float) -> _Sample | None:
+        """The newest kept sample at least rate_interval older than `now`."""
+        for s in reversed(self.samples):
+            if now - s.t >= self.rate_interval - 1e-3:
+                return s
+        return None
+
+    # ------------------------------------------------------------------------------------------ endpoints
+
+    async def health(self) -> tuple[int, list, bytes]:
+        ok = self.view.alive()
+        return (200 if ok else 503), [(b"content-type", b"text/plain; charset=utf-8")], \
+            (b"ok\n" if ok else b"not alive\n")
+
+    async def _ready(self) -> tuple[bool, dict]:
+        with trio.move_on_after(self.ready_timeout):
+            ok, why = await self.view.ready()
+            return bool(ok), dict(why or {})
+        return False, {"error": f"readiness check timed out after {self.ready_timeout:g} s"}
+
+    async def ready(self) -> tuple[int, list, bytes]:
+        ok, why = await self._ready()
+        return (200 if ok else 503), [(b"content-type", b"application/json")], \
+            orjson.dumps({"ready": ok, **why}, default=str)
+
+    async def metrics(self) -> tuple[int, list, bytes]:
+        snaps, workers = await self.gather()
+        ok, _ = await self._ready()
+        cluster = {"workers": workers, "ready": ok, "stale_workers": self.carry.stale}
+        body = render_prometheus(snaps, cluster=cluster, budget=self.budget)
+        return 200, [(b"content-type", CONTENT_TYPE.encode())], body
+
+    async def cluster(self) -> tuple[int, list, bytes]:
+        snaps, workers = await self.gather()
+        by_pid = {int(s.get("pid", 0)): s for s in snaps if int(s.get("worker", -1)) >= 0}
+        out = []
+        states: dict[str, int] = {}
+        for w in workers:
+            w = dict(w)
+            states[str(w.get("state"))] = states.get(str(w.get("state")), 0) + 1
+            snap = by_pid.get(int(w.get("pid") or 0))
+            if snap is not None:
+                w["client_connections"] = sum(o.get("client_connections", 0) for o in snap.get("orgs", ()))
+                w["backend_connections"] = sum(o.get("backend_connections", 0) for o in snap.get("orgs", ()))
+                w["sessions_total"] = snap.get("sessions_total", 0)
+                w["handoffs_out"] = snap.get("handoffs_out", 0)
+            out.append(w)
+        doc = {"workers": out, "count": len(out), "states": states, "stale_workers": self.carry.stale}
+        return 200, [(b"content-type", b"application/json")], orjson.dumps(doc, default=str)
+
+    async def org(self, name: str) -> tuple[int, list, bytes]:
+        snaps, workers = await self.gather()
+        now = self._latest
+        base = self._baseline(now.t)
+        if base is None and name in now.totals:
+            oldest = self.samples[0].t if self.samples else now.t
+            await trio.sleep(max(0.0, self.rate_interval - (now.t - oldest)))
+            snaps, workers = await self.gather()
+            now = self._latest
+            base = self._baseline(now.t)
+        doc = org_figures(name, snaps, workers)
+        if doc is None:
+            raise HTTPError(404, f"org {name!r} is not known to this cluster (no session since the workers started)")
+        if base is not None:
+            dt = now.t - base.t
+            cur = now.totals.get(name, [0, 0, 0, 0, 0.0, 0])
+            old = base.totals.get(name, [0, 0, 0, 0, 0.0, 0])
+            d = [max(0.0, c - o) for c, o in zip(cur, old)]
+            doc["rates"] = {
+                "window_seconds": round(dt, 3),
+                "qps": round(d[0] / dt, 3), "errors_per_second": round(d[1] / dt, 3),
+                "throttled_per_second": round(d[2] / dt, 3), "refused_per_second": round(d[3] / dt, 3),
+                "mean_latency_ms": round(d[4] / d[5] * 1000, 3) if d[5] else None,
+            }
+            doc["qps"] = doc["rates"]["qps"]
+        else:
+            doc["rates"], doc["qps"] = None, None
+        return 200, [(b"content-type", b"application/json")], orjson.dumps(doc, default=str)
+
+    async def set_workers(self, body: bytes) -> tuple[int, list, bytes]:
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise HTTPError(400, 'expected a JSON body like {"count": 3}') from None
+        count = req.get("count") if isinstance(req, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise HTTPError(400, 'expected a JSON body like {"count": 3}, with a whole number')
+        if not MIN_WORKERS <= count <= MAX_WORKERS:
+            raise HTTPError(400, f"count must be between {MIN_WORKERS} and {MAX_WORKERS}, not {count}")
+        try:
+            state = await self.view.set_workers(count)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        log.info("worker count changed through the admin port", extra={"workers": count})
+        return 200, [(b"content-type", b"application/json")], orjson.dumps(state, default=str)
+
+
+def org_figures(name: str, snapshots: list[Mapping[str, Any]], workers: list[Mapping[str, Any]]) -> dict | None:
+    """Everything the snapshots say about one org, or None when no worker has ever seen it."""
+    entries = [(s, o) for s in snapshots for o in s.get("orgs", ()) if o.get("org") == name]
+    home = [w.get("index") for w in workers if name in (w.get("orgs") or ())]
+    if not entries and not home:
+        return None
+    tiers: dict[str, list[int]] = {}
+    totals = {k: 0 for k in ("client_connections", "backend_connections", "queries", "errors", "throttled",
+                             "refused", "bytes_in", "bytes_out", "pool_waits", "handoffs_in")}
+    wait_seconds, lat_sum = 0.0, 0.0
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    pool: dict[str, int] = {}
+    per_worker: dict[int, dict[str, Any]] = {}
+    for snap, o in entries:
+        t = tiers.setdefault(o.get("tier", "unknown"), [0, 0])
+        t[0] += o.get("client_connections", 0)
+        t[1] += o.get("queries", 0)
+        for k in totals:
+            totals[k] += o.get(k, 0)
+        wait_seconds += o.get("pool_wait_seconds", 0.0)
+        lat_sum += o.get("latency_sum", 0.0)
+        for i, c in enumerate(o.get("latency_counts", ())[: len(counts)]):
+            counts[i] += c
+        for k in POOL_GAUGES:
+            if k in o:
+                pool[k.removeprefix("pool_")] = pool.get(k.removeprefix("pool_"), 0) + o[k]
+        widx = int(snap.get("worker", -1))
+        if widx >= 0:
+            w = per_worker.setdefault(widx, {"worker": widx, "pid": snap.get("pid"), "client_connections": 0,
+                                             "backend_connections": 0, "queries": 0})
+            w["client_connections"] += o.get("client_connections", 0)
+            w["backend_connections"] += o.get("backend_connections", 0)
+            w["queries"] += o.get("queries", 0)
+    # The org's current tier: the one with open sessions, else the busiest.
+    tier = max(tiers, key=lambda k: (tiers[k][0], tiers[k][1])) if tiers else None
+    n = sum(counts)
+    return {
+        "org": name,
+        "tier": tier,
+        "tiers": sorted(tiers),
+        "home_worker": home[0] if home else None,
+        "client_connections": totals["client_connections"],
+        "backend_connections": totals["backend_connections"],
+        "pool": pool or None,
+        "totals": {
+            "queries": totals["queries"], "errors": totals["errors"], "throttled": totals["throttled"],
+            "refused": totals["refused"], "bytes_in": totals["bytes_in"], "bytes_out": totals["bytes_out"],
+            "pool_waits": totals["pool_waits"], "pool_wait_seconds": round(wait_seconds, 6),
+            "handoffs_in": totals["handoffs_in"],
+        },
+        "throttled": totals["throttled"],
+        "refused": totals["refused"],
+        "latency_ms": {
+            "count": n,
+            "mean": round(lat_sum / n * 1000, 3) if n else None,
+            "p50": _quantile_ms(0.50, counts), "p95": _quantile_ms(0.95, counts), "p99": _quantile_ms(0.99, counts),
+        },
+        "workers": [per_worker[k] for k in sorted(per_worker)],
+    }
+
+
+def _quantile_ms(q: float, counts: list[int]) -> float | None:
+    """Estimate a quantile from (non-cumulative) bucket counts by linear interpolation inside the bucket, as
+    Prometheus's histogram_quantile does; observations above the last bound report that bound."""
+    n = sum(counts)
+    if not n:
+        return None
+    rank = q * n
+    running = 0
+    for i, c in enumerate(counts):
+        if running + c >= rank and c:
+            if i >= len(LATENCY_BUCKETS):
+                return LATENCY_BUCKETS[-1] * 1000
+            lo = LATENCY_BUCKETS[i - 1] if i else 0.0
+            hi = LATENCY_BUCKETS[i]
+            return round((lo + (hi - lo) * (rank - running) / c) * 1000, 3)
+        running += c
+    return None  # pragma: no cover - rank <= n always lands in a bucket
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def serve_admin(host: str, port: int, view: ClusterView, *,
+                      task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+                      shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                      app: AdminApp | None = None) -> None:
+    """Serve the admin HTTP port on host:port (port 0: a free one) until cancelled or `shutdown_trigger`
+    returns. ``task_status.started((host, port))`` reports the address actually bound. An address that cannot
+    be bound raises OSError before ``started``."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [_bind(host, port)]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("o7s.admin.http")
+    config.graceful_timeout = 1.0
+    config.keep_alive_timeout = 30.0
+    app = app or AdminApp(view)
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, shutdown_trigger=shutdown_trigger or trio.sleep_forever, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        bound = parse_listen(binds[0].split("://", 1)[1])
+        log.info("admin HTTP port open", extra={"admin": f"http://{_bind(*bound)}"})
+        task_status.started(bound)
+
+
+__all__ = ["AdminApp", "ClusterView", "MAX_WORKERS", "MIN_WORKERS", "org_figures", "serve_admin"]
