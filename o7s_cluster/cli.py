@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", metavar="SECONDS", help="SIGTERM: time open transactions get (default 30)")
     s.add_argument("--machine-id", metavar="N", help="0-127, distinguishes machines in cancel keys (default 0)")
     s.add_argument("--redis-url", metavar="URL", help="shared limits state (default: $REDIS_URL; none: node-local)")
+
+    from o7s_cluster.cli_ctl import register as register_ctl  # `o7s ctl ...`: the admin port's client
+
+    register_ctl(sub, common)
     return p
 
 
