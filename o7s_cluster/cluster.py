@@ -51,6 +51,7 @@ class Supervisor:
         self.stopping = False
         self.nursery: trio.Nursery | None = None
         self._request_id = 0
+        self._last: dict[int, dict[str, Any]] = {}  # each worker's latest snapshot
         self._stopped = trio.Event()
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -247,6 +248,7 @@ class Supervisor:
             reply = await self._ask(handle, "stats")
             if reply is not None and "stats" in reply:
                 results.append(reply["stats"])
+                self._last[handle.index] = reply["stats"]
 
         async with trio.open_nursery() as nursery:
             for handle in self._up():
@@ -255,8 +257,17 @@ class Supervisor:
         return results
 
     def workers(self) -> list[dict[str, Any]]:
-        return [{"index": h.index, "pid": h.proc.pid, "state": h.state, "started_at": h.started_at,
-                 "restarts": h.restarts} for h in sorted(self.handles.values(), key=lambda h: h.index)]
+        """Workers and the orgs they hold (by their latest snapshots: open sessions or pooled backends)."""
+        out = []
+        for h in sorted(self.handles.values(), key=lambda h: h.index):
+            snap = self._last.get(h.index)
+            orgs = []
+            if snap is not None and snap.get("pid") == h.proc.pid:
+                orgs = sorted({o["org"] for o in snap.get("orgs", ()) if o.get("client_connections")
+                               or o.get("pool_in_use") or o.get("pool_idle")})
+            out.append({"index": h.index, "pid": h.proc.pid, "state": h.state, "started_at": h.started_at,
+                        "restarts": h.restarts, "orgs": orgs})
+        return out
 
     async def set_workers(self, n: int) -> dict[str, Any]:
         """Scale: new workers join the members; retired ones leave them at once (their orgs move)

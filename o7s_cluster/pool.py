@@ -40,7 +40,8 @@ class Pool:
     """
 
     def __init__(self, db_name: str, target: BackendTarget, size: int, settings: PoolSettings,
-                 startup_params: dict[str, str] | None = None) -> None:
+                 startup_params: dict[str, str] | None = None, org_name: str = "") -> None:
+        self.org_name = org_name
         self.db_name = db_name
         self.target = target
         self.size = size
@@ -51,6 +52,9 @@ class Pool:
         self.in_use = 0
         self.waiting = 0
         self.opened_total = 0
+
+    def would_wait(self) -> bool:
+        return self._slots.value == 0
 
     async def acquire(self) -> BackendConn:
         self.waiting += 1

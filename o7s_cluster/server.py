@@ -17,6 +17,7 @@ from o7s_cluster import logs
 from o7s_cluster.affinity import COUNTER_BITS, make_pid, split_pid
 from o7s_cluster.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.config import Settings
+from o7s_cluster.metrics import WorkerMetrics
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.session import ClientError, Session
@@ -38,6 +39,8 @@ class Server:
         self.router = router
         self.all_sessions: set[Session] = set()
         self.draining = False
+        self.metrics = WorkerMetrics(worker_index, os.getpid())
+        self.metrics.pool_state = self._pool_state
         self.catalog = catalog
         self.nursery = nursery
         self.pools = PoolManager(PoolSettings(
@@ -60,7 +63,17 @@ class Server:
             peer = "?"
         await self.run_session(Session(self, stream, peer))
 
+    def _pool_state(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for pool in self.pools.pools.values():
+            o = out.setdefault(pool.org_name, {"pool_in_use": 0, "pool_idle": 0, "pool_waiting": 0})
+            o["pool_in_use"] += pool.in_use
+            o["pool_idle"] += pool.idle
+            o["pool_waiting"] += pool.waiting
+        return out
+
     async def run_session(self, session: Session) -> None:
+        self.metrics.sessions_total += 1
         if self.draining:
             session.drain()
         self.all_sessions.add(session)
@@ -93,6 +106,7 @@ class Server:
         machine, worker, _ = split_pid(pid)
         if worker != self.worker_index and machine == self.settings.machine_id and self.router is not None:
             self.router.forward_cancel(worker, pid, secret)
+            self.metrics.cancels_forwarded += 1
             return
         session = self.sessions.get(pid)
         if session is not None and hmac.compare_digest(secret.to_bytes(4, "big", signed=True),
@@ -120,7 +134,8 @@ class Server:
         target, _db_type = found
         limits = login.limits
         tier_settings = {"statement_timeout": str(limits.statement_timeout_ms), "work_mem": limits.work_mem}
-        return self.pools.add(key, Pool(db_name, target, limits.pool_size, self.pools.settings, tier_settings))
+        return self.pools.add(key, Pool(db_name, target, limits.pool_size, self.pools.settings, tier_settings,
+                                        org_name=login.name))
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -15,12 +15,14 @@ import re
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
 
 from o7s_cluster.backend import BackendConn, BackendError, send_cancel
+from o7s_cluster.metrics import OrgMetrics
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ProtocolViolation
@@ -44,11 +46,10 @@ if TYPE_CHECKING:
     from o7s_cluster.server import Server
 
 log = logging.getLogger("o7s.session")
+_NOBODY = OrgMetrics("_unauthenticated", "none")
 
 # Expected-response kinds.
 K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_CAPTURE, K_FAKE, K_FAKE_DEALLOCATE = range(10)
-_SYNC_ENTRY = (K_SYNC, False, None)
-_QUERY_ENTRY = (K_QUERY, False, None)
 _BIND_ENTRY = (K_BIND, False, None)
 _DESCRIBE_ENTRY = (K_DESCRIBE, False, None)
 _EXECUTE_ENTRY = (K_EXECUTE, False, None)
@@ -184,7 +185,7 @@ class Session:
         "server", "settings", "client", "peer", "creader", "send_lock", "backend", "pool", "expect",
         "unsynced", "tx_status", "statements", "client_params", "skip_until_sync", "org", "login",
         "db_name", "user", "pid", "secret", "transaction_mode", "tls", "_pending", "settings_dirty",
-        "_captured", "tls_pending", "handed_off", "draining", "scope",
+        "_captured", "tls_pending", "handed_off", "draining", "scope", "metrics",
     )
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str, *, preread: bytes = b"",
@@ -216,6 +217,8 @@ class Session:
         self.handed_off = handed_off
         self.draining = False
         self.scope = trio.CancelScope()
+        # Counters of whoever this turns out to be; the org's own from login on.
+        self.metrics: OrgMetrics = _NOBODY
         self.settings_dirty = False
         self._captured: dict[str, str] | None = None
 
@@ -253,10 +256,12 @@ class Session:
         except ClientError as exc:
             await self._send_final(exc.to_bytes())
         except ProtocolViolation as exc:
+            self.server.metrics.protocol_errors += 1
             await self._send_final(m.error_response("FATAL", codes.PROTOCOL_VIOLATION, f"protocol violation: {exc}"))
         except BackendError as exc:
             conn, self.backend = self.backend, None
             if conn is not None and self.pool is not None:
+                self.metrics.backend_connections -= 1
                 with trio.CancelScope(shield=True):
                     await self.pool.discard(conn)
             await self._send_final(m.error_response(
@@ -269,6 +274,7 @@ class Session:
             log.exception("session failed", extra={"org": self.org, "peer": self.peer})
             conn, self.backend = self.backend, None
             if conn is not None and self.pool is not None:
+                self.metrics.backend_connections -= 1
                 with trio.CancelScope(shield=True):
                     await self.pool.discard(conn)
             await self._send_final(m.error_response("FATAL", codes.INTERNAL_ERROR, "internal error in O7s"))
@@ -296,7 +302,10 @@ class Session:
         self.server.unregister(self)
         conn, self.backend = self.backend, None
         if conn is not None and self.pool is not None:
+            self.metrics.backend_connections -= 1
             await self._give_back(conn, self.pool)
+        if self.login is not None:
+            self.metrics.client_connections -= 1
         await trio.aclose_forcefully(self.client)
 
     def _clean(self, conn: BackendConn) -> bool:
@@ -424,6 +433,10 @@ class Session:
 
         login = await self._authenticate()
         self.login = login
+        self.metrics = self.server.metrics.org(login.name, login.tier)
+        self.metrics.client_connections += 1
+        if self.handed_off:
+            self.metrics.handoffs_in += 1
         if self.db_name not in login.databases:
             raise ClientError(codes.INVALID_CATALOG_NAME, f"database \"{self.db_name}\" does not exist",
                               hint="Connect to one of the databases registered for your organization.")
@@ -461,6 +474,7 @@ class Session:
             self.pool.release(conn)
         else:
             self.backend = conn
+            self.metrics.backend_connections += 1
         await self._send_client(out)
 
     async def _authenticate(self) -> OrgLogin:
@@ -490,6 +504,7 @@ class Session:
             await self._send_client(m.auth_sasl_continue(scram.handle_client_first(data)))
             final = scram.handle_client_final(await self._read_typed(0x70))
         except ScramError:
+            self.server.metrics.auth_failures += 1
             raise failed from None
         if login is None:
             raise failed
@@ -499,9 +514,20 @@ class Session:
     # --- backend attachment --------------------------------------------------------------------
 
     async def _acquire(self) -> BackendConn:
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None
+        if pool.would_wait():
+            self.metrics.pool_waits += 1
+            started = time.perf_counter()
+            try:
+                return await self._acquire_from(pool)
+            finally:
+                self.metrics.pool_wait_seconds += time.perf_counter() - started
+        return await self._acquire_from(pool)
+
+    async def _acquire_from(self, pool: Pool) -> BackendConn:
         try:
-            return await self.pool.acquire()
+            return await pool.acquire()
         except BackendError as exc:
             raise ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": {exc.reason}",
                               fatal=False) from None
@@ -543,6 +569,7 @@ class Session:
             await self.pool.discard(conn)
             raise
         self.backend = conn
+        self.metrics.backend_connections += 1
         return conn
 
     # --- serving -------------------------------------------------------------------------------
@@ -584,6 +611,7 @@ class Session:
                     try:
                         conn = await self._attach()
                     except ClientError as exc:
+                        self.metrics.errors += 1
                         await self._send_client(exc.to_bytes())
                         if t in (0x51, 0x46):  # Query, FunctionCall: answered here
                             await self._send_client(m.ready_for_query(self.tx_status))
@@ -599,6 +627,7 @@ class Session:
             data = await self.client.receive_some(65536)
             if not data:
                 return
+            self.metrics.bytes_in += len(data)
             reader.feed(data)
 
     async def _flush_backend(self, out: bytearray) -> None:
@@ -643,7 +672,7 @@ class Session:
         buf = self.creader.buf
         expect = self.expect
         if t == 0x51:  # Query
-            expect.append(_QUERY_ENTRY)
+            expect.append((K_QUERY, False, time.perf_counter()))
             out += buf[s:e]
             if self.settings_dirty or _SETTISH_START.match(buf, s + 5, e) or _SETTISH_ANY.search(buf, s + 5, e):
                 self.settings_dirty = True
@@ -690,7 +719,7 @@ class Session:
             out += buf[s:e]
         elif t == 0x53:  # Sync
             self.unsynced = False
-            expect.append(_SYNC_ENTRY)
+            expect.append((K_SYNC, False, time.perf_counter()))
             out += buf[s:e]
             if self.settings_dirty:
                 out += _CAPTURE_QUERY
@@ -715,7 +744,7 @@ class Session:
         elif t in (0x64, 0x63, 0x66):  # CopyData, CopyDone, CopyFail
             out += buf[s:e]
         elif t == 0x46:  # FunctionCall
-            expect.append(_QUERY_ENTRY)
+            expect.append((K_QUERY, False, time.perf_counter()))
             out += buf[s:e]
         else:
             raise ProtocolViolation(f"unexpected message type {chr(t)!r}")
@@ -761,6 +790,7 @@ class Session:
         out = bytearray()
         interesting = _INTERESTING
         capturing = False
+        metrics = self.metrics
         while True:
             await conn.receive_messages()
             buf = reader.buf
@@ -789,8 +819,11 @@ class Session:
                 popped = False
                 if t == _Z:
                     if expect:
-                        expect.popleft()
+                        started = expect.popleft()[2]
                         popped = True
+                        if started is not None:
+                            metrics.queries += 1
+                            metrics.observe_latency(time.perf_counter() - started)  # type: ignore[operator]
                     self.tx_status = bytes(buf[s + 5: s + 6])
                 elif t == _PC or t == _BC or t == _CC:
                     if expect:
@@ -807,6 +840,7 @@ class Session:
                         expect.popleft()
                         popped = True
                 elif t == _ERR:
+                    metrics.errors += 1
                     if expect and expect[0][0] != K_QUERY:
                         # The server skips everything up to the next Sync.
                         while expect and expect[0][0] != K_SYNC:
@@ -834,6 +868,7 @@ class Session:
                         self._captured = {}
             out += buf[seg:reader.pos]
             if out:
+                metrics.bytes_out += len(out)
                 await self._send_client(out)
                 out.clear()
             if self._clean(conn):
@@ -841,6 +876,7 @@ class Session:
                     self.scope.cancel()
                 if self.transaction_mode and self.backend is conn:
                     self.backend = None
+                    metrics.backend_connections -= 1
                     assert self.pool is not None
                     self.pool.release(conn)
                     return

@@ -25,6 +25,7 @@ from o7s_cluster import logs
 from o7s_cluster.affinity import home_worker
 from o7s_cluster.catalog import TrioCatalog
 from o7s_cluster.config import Settings
+from o7s_cluster.metrics import WorkerMetrics
 from o7s_cluster.server import Server
 from o7s_cluster.session import Session
 from o7s_cluster.vault import Vault
@@ -51,9 +52,7 @@ class Router:
         self.run_dir = run_dir
         self.members: list[int] = [index]
         self.sock: trio.socket.SocketType = None  # type: ignore[assignment]
-        self.handoffs_out = 0
-        self.handoffs_in = 0
-        self.cancels_forwarded = 0
+        self.metrics: WorkerMetrics | None = None
 
     async def bind(self) -> None:
         path = worker_socket_path(self.run_dir, self.index)
@@ -79,7 +78,8 @@ class Router:
         except OSError as exc:  # the home worker is gone or restarting: serve here
             log.warning("hand-off failed; serving locally", extra={"org": org, "to": home, "error": str(exc)})
             return False
-        self.handoffs_out += 1
+        if self.metrics is not None:
+            self.metrics.handoffs_out += 1
         return True
 
     def forward_cancel(self, worker: int, pid: int, secret: int) -> None:
@@ -87,7 +87,6 @@ class Router:
         try:
             self.sock._sock.sendto(_CANCEL + struct.pack("!ii", pid, secret),  # type: ignore[attr-defined]
                                    worker_socket_path(self.run_dir, worker))
-            self.cancels_forwarded += 1
         except OSError:
             pass
 
@@ -100,7 +99,6 @@ class Router:
                 pid, secret = struct.unpack("!ii", data[1:])
                 server.cancel(pid, secret)
             elif data[:1] == _HANDOFF and len(fds) == 1 and len(data) >= 2:
-                self.handoffs_in += 1
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0])))
                 session = Session(server, stream, _peer(stream), preread=bytes(data[2:]),
                                   tls_pending=data[1] == 1, handed_off=True)
@@ -149,6 +147,7 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 self.server = server = Server(settings, catalog, nursery, worker_index=self.index, router=self.router)
+                self.router.metrics = server.metrics
                 nursery.start_soon(server.pools.run_reaper)
                 nursery.start_soon(self.router.receive, server)
                 nursery.start_soon(self._signals)
@@ -227,7 +226,11 @@ class Worker:
             return None
         cmd = msg.get("cmd")
         if cmd == "stats":
-            return {"id": msg.get("id"), "stats": self.snapshot()}
+            snap = self.server.metrics.snapshot()
+            snap["retiring"] = self.retiring
+            snap["draining"] = self.server.draining
+            snap["sessions"] = len(self.server.all_sessions)
+            return {"id": msg.get("id"), "stats": snap}
         if cmd == "retire" and not self.retiring:
             self.retiring = True
             self.server.nursery.start_soon(self._retire)
@@ -236,25 +239,6 @@ class Worker:
         elif cmd == "reload":
             self.server.catalog.invalidate()
         return None
-
-    def snapshot(self) -> dict[str, Any]:
-        server = self.server
-        assert server is not None
-        orgs: dict[str, dict[str, Any]] = {}
-        for session in server.all_sessions:
-            if session.login is not None:
-                o = orgs.setdefault(session.login.name, {"tier": session.login.tier, "client_connections": 0})
-                o["client_connections"] += 1
-        pools = []
-        for (org_id, db_name), pool in server.pools.pools.items():
-            pools.append({"org_id": org_id, "db": db_name, "size": pool.size, "in_use": pool.in_use,
-                          "idle": pool.idle, "waiting": pool.waiting})
-        return {
-            "worker": self.index, "pid": os.getpid(), "retiring": self.retiring, "draining": server.draining,
-            "sessions": len(server.all_sessions), "orgs": orgs, "pools": pools,
-            "handoffs_in": self.router.handoffs_in, "handoffs_out": self.router.handoffs_out,
-            "cancels_forwarded": self.router.cancels_forwarded,
-        }
 
 
 def main(argv: list[str] | None = None) -> int:
