@@ -178,7 +178,8 @@ class AdminApp:
                 snaps = list(await self.view.snapshots())
             if scope.cancelled_caught:
                 log.warning("workers' metrics snapshots timed out", extra={"timeout": self.gather_timeout})
-            workers = list(self.view.workers())
+            workers = [dict(w) for w in self.view.workers()]
+            _fill_orgs(workers, snaps)
             live = [int(w["pid"]) for w in workers if w.get("pid") and w.get("state", "up") != "down"]
             effective = self.carry.update(snaps, live)
             self._sample(effective)
@@ -298,6 +299,20 @@ class AdminApp:
         return 200, [(b"content-type", b"application/json")], orjson.dumps(state, default=str)
 
 
+def _fill_orgs(workers: list[dict], snapshots: list[Mapping[str, Any]]) -> None:
+    """Per worker, ``orgs_connected``: the orgs with client connections open on it now; and ``orgs`` (the orgs
+    it holds) from the orgs it has served since it started, when the view does not say."""
+    by_pid = {int(s.get("pid", 0)): s for s in snapshots}
+    for w in workers:
+        snap = by_pid.get(int(w.get("pid") or 0))
+        if snap is None:
+            continue
+        entries = snap.get("orgs", ())
+        w["orgs_connected"] = sorted({o["org"] for o in entries if o.get("client_connections", 0) > 0})
+        if "orgs" not in w:
+            w["orgs"] = sorted({o["org"] for o in entries})
+
+
 def org_figures(name: str, snapshots: list[Mapping[str, Any]], workers: list[Mapping[str, Any]]) -> dict | None:
     """Everything the snapshots say about one org, or None when no worker has ever seen it."""
     entries = [(s, o) for s in snapshots for o in s.get("orgs", ()) if o.get("org") == name]
@@ -339,6 +354,7 @@ def org_figures(name: str, snapshots: list[Mapping[str, Any]], workers: list[Map
         "tier": tier,
         "tiers": sorted(tiers),
         "home_worker": home[0] if home else None,
+        "held_by": home,
         "client_connections": totals["client_connections"],
         "backend_connections": totals["backend_connections"],
         "pool": pool or None,
