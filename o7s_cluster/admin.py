@@ -419,11 +419,29 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(app, config, shutdown_trigger=shutdown_trigger or trio.sleep_forever, task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(run)
-        bound = parse_listen(binds[0].split("://", 1)[1])
-        log.info("admin HTTP port open", extra={"admin": f"http://{_bind(*bound)}"})
-        task_status.started(bound)
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(run)
+            started = True
+            bound = parse_listen(binds[0].split("://", 1)[1])
+            log.info("admin HTTP port open", extra={"admin": f"http://{_bind(*bound)}"})
+            task_status.started(bound)
+    except BaseExceptionGroup as group:
+        # Hypercorn's nurseries wrap a bind error (address in use, not ours...) in exception groups:
+        # give the caller the plain OSError, as a socket bind would.
+        leaves = list(_leaves(group))
+        if not started and len(leaves) == 1 and isinstance(leaves[0], OSError):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> Any:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
 
 
 __all__ = ["AdminApp", "ClusterView", "MAX_WORKERS", "MIN_WORKERS", "org_figures", "serve_admin"]
