@@ -180,7 +180,7 @@ class AdminApp:
                 log.warning("workers' metrics snapshots timed out", extra={"timeout": self.gather_timeout})
             workers = [dict(w) for w in self.view.workers()]
             _fill_orgs(workers, snaps)
-            live = [int(w["pid"]) for w in workers if w.get("pid") and w.get("state", "up") != "down"]
+            live = [int(w["pid"]) for w in workers if w.get("pid") and w.get("state", "up") not in ("dead", "down")]
             effective = self.carry.update(snaps, live)
             self._sample(effective)
             return effective, workers

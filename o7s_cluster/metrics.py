@@ -483,7 +483,7 @@ class _SnapshotCollector:
 
     def _cluster_families(self) -> Iterator[Metric]:
         workers = list(self.cluster.get("workers", ()))
-        states: dict[str, int] = {"up": 0, "starting": 0, "retiring": 0, "draining": 0, "down": 0}
+        states: dict[str, int] = {"starting": 0, "up": 0, "retiring": 0, "dead": 0}  # always shown, even at 0
         up = GaugeMetricFamily("o7s_worker_up", "1 when the worker process is up and serving.", labels=["worker"])
         restarts = CounterMetricFamily("o7s_worker_restarts", "Times the supervisor restarted the worker slot.",
                                        labels=["worker"])

@@ -198,7 +198,7 @@ def test_render_parses_and_numbers_match() -> None:
     assert m["o7s_usage_shipping_lag_seconds"][()] == 2.0
     assert m["o7s_worker_client_connections"] == {lbl(worker="0"): 0, lbl(worker="1"): 1, lbl(worker="2"): 2}
     assert m["o7s_workers"][lbl(state="up")] == 2 and m["o7s_workers"][lbl(state="starting")] == 1
-    assert m["o7s_workers"][lbl(state="down")] == 0
+    assert m["o7s_workers"][lbl(state="dead")] == 0 and m["o7s_workers"][lbl(state="retiring")] == 0
     assert m["o7s_worker_up"] == {lbl(worker="0"): 1, lbl(worker="1"): 1, lbl(worker="2"): 0}
     assert m["o7s_worker_restarts_total"] == {lbl(worker="0"): 2}
     assert m["o7s_workers_target"][()] == 3
