@@ -103,7 +103,7 @@ class OrgMetrics:
         self.tier = tier
         self.client_connections = 0  # gauge: client sessions open now
         self.backend_connections = 0  # gauge: backend connections attached to this org's sessions now
-        self.queries = 0  # queries run (simple Query messages and extended-protocol Sync batches)
+        self.queries = 0  # queries run: simple Query messages and extended-protocol Executes
         self.errors = 0  # queries that ended in an ErrorResponse from the backend or from O7s
         self.throttled = 0  # queries that waited for a rate-limit token
         self.refused = 0  # queries refused by the rate limiter
@@ -394,7 +394,7 @@ _ORG_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("o7s_client_connections", "gauge", "Client connections open now.", "client_connections"),
     ("o7s_backend_connections", "gauge", "Backend connections attached to client sessions now.",
      "backend_connections"),
-    ("o7s_queries", "counter", "Queries run (simple queries and extended-protocol Sync batches).", "queries"),
+    ("o7s_queries", "counter", "Queries run (simple Query messages and extended-protocol Executes).", "queries"),
     ("o7s_query_errors", "counter", "Queries that ended in an error.", "errors"),
     ("o7s_queries_throttled", "counter", "Queries that waited for a rate-limit token.", "throttled"),
     ("o7s_queries_refused", "counter", "Queries refused by the rate limiter.", "refused"),

@@ -673,6 +673,7 @@ class Session:
         expect = self.expect
         if t == 0x51:  # Query
             expect.append((K_QUERY, False, time.perf_counter()))
+            self.metrics.queries += 1
             out += buf[s:e]
             if self.settings_dirty or _SETTISH_START.match(buf, s + 5, e) or _SETTISH_ANY.search(buf, s + 5, e):
                 self.settings_dirty = True
@@ -714,6 +715,7 @@ class Session:
                 out += buf[s:e]
             expect.append(_BIND_ENTRY)
         elif t == 0x45:  # Execute
+            self.metrics.queries += 1
             self.unsynced = True
             expect.append(_EXECUTE_ENTRY)
             out += buf[s:e]
@@ -822,7 +824,6 @@ class Session:
                         started = expect.popleft()[2]
                         popped = True
                         if started is not None:
-                            metrics.queries += 1
                             metrics.observe_latency(time.perf_counter() - started)  # type: ignore[operator]
                     self.tx_status = bytes(buf[s + 5: s + 6])
                 elif t == _PC or t == _BC or t == _CC:

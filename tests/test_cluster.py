@@ -1,0 +1,260 @@
+"""The cluster on real processes and sockets: affinity, restart, drain, scaling, cancel, /metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import RawPG, error_fields, free_port, start_proxy, stop_proxy
+from o7s_cluster.affinity import home_worker
+
+ORGS = [f"cl{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def orgs(make_org):
+    return {name: make_org(name, "pro") for name in ORGS}
+
+
+@pytest.fixture(scope="module")
+def cluster(migrated, tmp_path_factory):
+    admin = free_port()
+    p = start_proxy(migrated, tmp_path_factory.mktemp("cluster"), "--workers", "2", "--admin", f"127.0.0.1:{admin}",
+                    "--drain-timeout", "5")
+    p.admin = f"http://127.0.0.1:{admin}"  # type: ignore[attr-defined]
+    wait_ready(p.admin)  # type: ignore[attr-defined]
+    yield p
+    stop_proxy(p)
+
+
+def wait_ready(admin: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.get(f"{admin}/ready", timeout=2)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("cluster not ready")
+        time.sleep(0.1)
+
+
+def cluster_state(admin: str) -> dict:
+    return httpx.get(f"{admin}/v1/cluster", timeout=5).json()
+
+
+def members(admin: str) -> list[int]:
+    return sorted(w["index"] for w in cluster_state(admin)["workers"] if w["state"] == "up")
+
+
+def holders(admin: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for w in cluster_state(admin)["workers"]:
+        for org in w["orgs"]:
+            out.setdefault(org, []).append(w["index"])
+    return out
+
+
+def test_connections_of_an_org_land_on_its_home_worker(cluster, orgs):
+    conns = []
+    try:
+        for org in orgs.values():
+            for _ in range(3):  # the kernel spreads these accepts over both workers
+                c = psycopg.connect(cluster.dsn(org), autocommit=True)
+                c.execute("select 1")
+                conns.append(c)
+        live = members(cluster.admin)
+        held = holders(cluster.admin)
+        for name in orgs:
+            assert held.get(name) == [home_worker(name, live)], (name, held.get(name), live)
+        # Both workers are homes to some of the orgs, and some connections were handed over.
+        assert len({home_worker(name, live) for name in orgs}) == 2
+        metrics = httpx.get(f"{cluster.admin}/metrics").text
+        handoffs = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                    if s.name == "o7s_handoffs_sent_total"]
+        assert handoffs and handoffs[0] > 0
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _pick(orgs, live, differ: bool):
+    names = list(orgs)
+    a = names[0]
+    for b in names[1:]:
+        if (home_worker(a, live) != home_worker(b, live)) == differ:
+            return orgs[a], orgs[b]
+    raise AssertionError("no such pair of orgs")
+
+
+def test_kill_9_worker_restarts_and_other_sessions_keep_running(cluster, orgs):
+    live = members(cluster.admin)
+    victim_org, other_org = _pick(orgs, live, differ=True)
+    victim = home_worker(victim_org.name, live)
+    other = psycopg.connect(cluster.dsn(other_org), autocommit=True)
+    before = {w["index"]: w["pid"] for w in cluster_state(cluster.admin)["workers"]}
+    errors: list[BaseException] = []
+    done = threading.Event()
+    count = [0]
+
+    def keep_querying() -> None:
+        try:
+            while not done.is_set():
+                assert other.execute("select 7").fetchone() == (7,)
+                count[0] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=keep_querying)
+    t.start()
+    try:
+        time.sleep(0.3)
+        os.kill(before[victim], signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:
+            state = {w["index"]: w for w in cluster_state(cluster.admin)["workers"]}
+            w = state.get(victim)
+            if w and w["pid"] != before[victim] and w["state"] == "up":
+                break
+            assert time.monotonic() - killed_at < 5, state
+            time.sleep(0.05)
+        restarted_in = time.monotonic() - killed_at
+        n_at_restart = count[0]
+        time.sleep(0.3)
+    finally:
+        done.set()
+        t.join()
+        other.close()
+    assert not errors, errors
+    assert count[0] > n_at_restart > 0
+    # The supervisor starts the replacement at once; "up" also waits for its Python start-up.
+    assert restarted_in < 3.0, restarted_in
+    with psycopg.connect(cluster.dsn(victim_org), autocommit=True) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+
+
+def test_cancel_works_whichever_worker_accepts_it(cluster, orgs):
+    org = next(iter(orgs.values()))
+    before = _metric(cluster.admin, "o7s_cancels_forwarded_total")
+    for _ in range(12):  # SO_REUSEPORT spreads the cancel connections over both workers
+        with psycopg.connect(cluster.dsn(org), autocommit=True) as c:
+            timer = threading.Timer(0.3, c.cancel_safe)
+            timer.start()
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                c.execute("select pg_sleep(10)")
+            timer.join()
+            assert time.monotonic() - t0 < 3
+            assert c.execute("select 1").fetchone() == (1,)
+    assert _metric(cluster.admin, "o7s_cancels_forwarded_total") > before
+
+
+def _metric(admin: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{admin}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_metrics_parse_and_count_the_queries_run(cluster, make_org):
+    org = make_org("clmetrics", "starter")
+    with psycopg.connect(cluster.dsn(org), autocommit=True) as c:
+        c.execute("select 1")  # warm up: the org's series exists
+    before = _metric(cluster.admin, "o7s_queries_total", org=org.name)
+    with psycopg.connect(cluster.dsn(org), autocommit=True) as c:
+        for i in range(25):
+            c.execute("select %s::int", (i,))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            c.execute("select 1/0")
+    after = _metric(cluster.admin, "o7s_queries_total", org=org.name)
+    assert after - before == 26
+    assert _metric(cluster.admin, "o7s_query_errors_total", org=org.name) >= 1
+    assert _metric(cluster.admin, "o7s_query_duration_seconds_count", org=org.name) >= 26
+    assert _metric(cluster.admin, "o7s_bytes_sent_total", org=org.name) > 0
+
+
+def test_scale_2_to_3_moves_about_a_third_and_open_sessions_survive(migrated, tmp_path_factory, orgs):
+    admin = free_port()
+    p = start_proxy(migrated, tmp_path_factory.mktemp("scale"), "--workers", "2", "--admin", f"127.0.0.1:{admin}")
+    url = f"http://127.0.0.1:{admin}"
+    try:
+        wait_ready(url)
+        open_sessions = [psycopg.connect(p.dsn(o), autocommit=True) for o in orgs.values()]
+        for c in open_sessions:
+            c.execute("select 1")
+        env = dict(migrated, O7S_ADMIN_LISTEN=f"127.0.0.1:{admin}")
+        out = subprocess.run([sys.executable, "-m", "o7s_cluster", "ctl", "workers", "3"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        wait_ready(url)
+        assert members(url) == [0, 1, 2]
+        # Consistent hashing: only the orgs whose winner is the new worker move (about a third).
+        many = [f"org{i}" for i in range(600)]
+        moved = sum(home_worker(o, [0, 1]) != home_worker(o, [0, 1, 2]) for o in many)
+        assert 0.25 < moved / len(many) < 0.42
+        assert all(home_worker(o, [0, 1, 2]) == 2 for o in many if home_worker(o, [0, 1]) != home_worker(o, [0, 1, 2]))
+        # Sessions opened before the change keep working where they are.
+        for c in open_sessions:
+            assert c.execute("select 2").fetchone() == (2,)
+        # New connections follow the new homes.
+        fresh = [psycopg.connect(p.dsn(o), autocommit=True) for o in orgs.values()]
+        for c in fresh:
+            c.execute("select 1")
+        held = holders(url)
+        for name in orgs:
+            assert home_worker(name, [0, 1, 2]) in held[name]
+        for c in open_sessions + fresh:
+            c.close()
+    finally:
+        stop_proxy(p)
+
+
+def test_sigterm_lets_an_open_transaction_commit_then_says_57P01(migrated, tmp_path_factory, make_org):
+    org = make_org("cldrain", "pro")
+    with psycopg.connect(org.backend_dsn, autocommit=True) as direct:
+        direct.execute("create table if not exists drained(n int)")
+        direct.execute("truncate drained")
+    p = start_proxy(migrated, tmp_path_factory.mktemp("drain"), "--workers", "2", "--drain-timeout", "10")
+    try:
+        busy = RawPG(p.host, p.port)
+        assert busy.login(org.name, org.password, org.dbname)[-1] == (b"Z", b"I")
+        assert busy.simple_query("begin; insert into drained values (1)")[-1] == (b"Z", b"T")
+        idle = psycopg.connect(p.dsn(org), autocommit=True)
+        idle.execute("select 1")
+        p.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # New connections are refused while draining ...
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(p.dsn(org), connect_timeout=2)
+        # ... the idle session was closed ...
+        with pytest.raises(psycopg.OperationalError):
+            idle.execute("select 1")
+        # ... and the open transaction may finish, then hears why it is closed.
+        assert busy.simple_query("insert into drained values (2)")[-1] == (b"Z", b"T")
+        assert busy.simple_query("commit")[-1] == (b"Z", b"I")
+        busy.sock.settimeout(5)
+        last = busy.recv()
+        assert last is not None and last[0] == b"E"
+        err = error_fields(last[1])
+        assert (err["S"], err["C"]) == ("FATAL", "57P01") and "administrator command" in err["M"]
+        assert busy.recv() is None
+        busy.close()
+        assert p.proc.wait(20) == 0
+    finally:
+        stop_proxy(p)
+    with psycopg.connect(org.backend_dsn) as direct:
+        assert direct.execute("select array_agg(n order by n) from drained").fetchone() == ([1, 2],)
