@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     from o7s_cluster.cli_ctl import register as register_ctl  # `o7s ctl ...`: the admin port's client
 
     register_ctl(sub, common)
+    from o7s_cluster.cli_usage import register as register_usage  # `o7s usage ORG`, `o7s bill --period`
+
+    register_usage(sub, common)
     return p
 
 
