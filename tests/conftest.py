@@ -379,3 +379,61 @@ def first_error(msgs: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
 def fuzz_org(make_org) -> Org:
     """A free-tier org (pool of 3) for fuzzing: a leaked backend connection shows up fast."""
     return make_org("fuzz", "free")
+
+
+# ---------------------------------------------------------------------------------------------- Redis
+# A real redis-server on a free port, no persistence, that a test can stop and start again (the
+# limits outage tests). Owned by the limits module (issue 4).
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = os.environ.get("O7S_REDIS_SERVER") or "redis-server"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # like a crash: nothing saved
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A fresh, empty redis-server for one test; `.stop()` / `.start()` for outages (same port)."""
+    import shutil
+
+    if not (os.environ.get("O7S_REDIS_SERVER") or shutil.which("redis-server")):
+        pytest.skip("redis-server not installed (scripts/install)")
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
