@@ -411,7 +411,10 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
     config = Config()
     config.bind = [_bind(host, port)]
     config.accesslog = None
-    config.errorlog = logging.getLogger("o7s.admin.http")
+    http_log = logging.getLogger("o7s.admin.http")
+    if http_log.level == logging.NOTSET:
+        http_log.setLevel(logging.WARNING)  # not Hypercorn's "Running on ... (CTRL + C to quit)": we log our own
+    config.errorlog = http_log
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0
     app = app or AdminApp(view)
