@@ -1,0 +1,174 @@
+"""The MongoDB sink over the wire: against tests/mongo_wire.py (an OP_MSG test server), and against a real
+MongoDB when O7S_TEST_MONGODB_URL is set (the same tests; those that stop the server or inspect the exact
+commands need the test server)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import datetime, timezone
+
+import pytest
+import trio
+
+from mongo_wire import FakeMongo
+from o7s_cluster.config import Settings
+from o7s_cluster.sinks.mongo import MongoSink, to_document
+from o7s_cluster.usage import UsageRecord, UsageRecorder, make_sinks
+
+REAL_URL = os.environ.get("O7S_TEST_MONGODB_URL")
+
+
+class Backend:
+    """What a test needs from a MongoDB: a URL, a database name, the stored documents."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.db = f"o7s_test_{secrets.token_hex(4)}"
+        self.fake: FakeMongo | None = None
+        if kind == "wire":
+            self.fake = FakeMongo().start()
+            self.url = f"mongodb://127.0.0.1:{self.fake.port}/{self.db}"
+        else:
+            import pymongo
+
+            self.client = pymongo.MongoClient(REAL_URL, serverSelectionTimeoutMS=5000, tz_aware=True)
+            self.url = REAL_URL
+
+    def sink(self, **kw) -> MongoSink:
+        return MongoSink(self.url, database=self.db, timeout_ms=kw.pop("timeout_ms", 2000), **kw)
+
+    def docs(self) -> list[dict]:
+        if self.fake:
+            return self.fake.docs()
+        return list(self.client[self.db]["usageHistory"].find())
+
+    def index_names(self) -> set[str]:
+        if self.fake:
+            return {ix["name"] for ix in self.fake.indexes.get("usageHistory", [])}
+        return set(self.client[self.db]["usageHistory"].index_information())
+
+    def close(self) -> None:
+        if self.fake:
+            self.fake.stop()
+        else:
+            self.client.drop_database(self.db)
+            self.client.close()
+
+
+@pytest.fixture(params=["wire", "real"])
+def mongo(request):
+    if request.param == "real" and not REAL_URL:
+        pytest.skip("no real MongoDB: set O7S_TEST_MONGODB_URL=mongodb://host:27017 to run against one")
+    b = Backend(request.param)
+    yield b
+    b.close()
+
+
+def wire_only(b: Backend) -> FakeMongo:
+    if b.fake is None:
+        pytest.skip("needs the wire test server (stops it or inspects the exact commands)")
+    return b.fake
+
+
+T0 = datetime(2025, 11, 21, 10, 0, 0, tzinfo=timezone.utc)
+T1 = datetime(2025, 11, 21, 10, 0, 10, tzinfo=timezone.utc)
+
+
+def rec(i: int, org: str = "acme", **kw) -> UsageRecord:
+    return UsageRecord(id=f"00000000-0000-5000-8000-{i:012d}", org_id="11111111-1111-1111-1111-111111111111",
+                       org_name=org, database_type="postgres", worker="m0-w1", period_start=T0, period_end=T1,
+                       queries=kw.pop("queries", 10), vcpu_hours=kw.pop("vcpu_hours", 0.25), tier="pro", **kw)
+
+
+async def test_documents_and_indexes(mongo):
+    sink = mongo.sink()
+    await sink.send([rec(1, rows=7, bytes_out=99), rec(2, org="beta")])
+    docs = {d["_id"]: d for d in mongo.docs()}
+    d = docs["00000000-0000-5000-8000-000000000001"]
+    assert (d["orgName"], d["period"], d["queryCount"], d["rowCount"], d["bytesOut"]) == ("acme", "2025-11", 10, 7, 99)
+    assert d["vcpuHours"] == 0.25 and d["databaseType"] == "postgres" and d["worker"] == "m0-w1"
+    assert d["periodStart"].replace(tzinfo=timezone.utc) == T0
+    assert {"orgId_period", "period", "periodStart"} <= mongo.index_names()
+    await sink.aclose()
+
+
+async def test_exact_commands_on_the_wire(mongo):
+    fake = wire_only(mongo)
+    sink = mongo.sink()
+    await sink.send([rec(1)])
+    await sink.send([rec(2)])
+    created = fake.commands_named("createIndexes")
+    assert len(created) == 1  # once per sink
+    assert created[0]["createIndexes"] == "usageHistory" and created[0]["$db"] == mongo.db
+    assert [(dict(ix["key"]), ix["name"]) for ix in created[0]["indexes"]] == [
+        ({"orgId": 1, "period": 1}, "orgId_period"), ({"period": 1}, "period"), ({"periodStart": 1}, "periodStart")]
+    inserts = fake.commands_named("insert")
+    assert len(inserts) == 2
+    first = inserts[0]
+    assert first["insert"] == "usageHistory" and first["ordered"] is False and first["$db"] == mongo.db
+    assert len(first["documents"]) == 1
+    sent = dict(first["documents"][0])
+    want = to_document(rec(1))
+    assert list(sent) == list(want)  # the same fields in the same order
+    assert sent["_id"] == want["_id"] and sent["queryCount"] == 10 and sent["orgId"] == want["orgId"]
+    await sink.aclose()
+
+
+async def test_same_batch_twice_is_a_noop(mongo):
+    sink = mongo.sink()
+    batch = [rec(i) for i in range(1, 6)]
+    await sink.send(batch)
+    await sink.send(batch)  # every document a duplicate: success, nothing changes
+    await sink.send(batch[2:] + [rec(6)])  # some duplicates, one new
+    docs = mongo.docs()
+    assert len(docs) == 6 and sum(d["queryCount"] for d in docs) == 60
+    await sink.aclose()
+
+
+async def test_other_write_errors_fail_the_batch(mongo):
+    fake = wire_only(mongo)
+    sink = mongo.sink()
+    fake.fail_next(121)  # document validation failure
+    with pytest.raises(Exception, match="121|validation|simulated"):
+        await sink.send([rec(1)])
+    await sink.send([rec(1)])  # the retry goes through
+    assert len(mongo.docs()) == 1
+    await sink.aclose()
+
+
+async def test_down_then_up_with_two_sinks(mongo, tmp_path):
+    """MongoDB down while another sink is up: the spool keeps the data until both have every record, once."""
+    fake = wire_only(mongo)
+    from test_usage import MemorySink
+
+    other = MemorySink()
+    sink = mongo.sink(timeout_ms=300)
+    r = UsageRecorder(Settings(spool_dir=str(tmp_path / "spool"), usage_sink_postgres=False, usage_window=0.1),
+                      worker="m0-w1", sinks=[other, sink], backoff_initial=0.05, backoff_max=0.3)
+    c = r.counters("11111111-1111-1111-1111-111111111111", "acme", "postgres")
+    fake.stop()
+    async with trio.open_nursery() as n:
+        await n.start(r.run)
+        for _ in range(40):
+            c.query_done(0.001, 1, True)
+            await trio.sleep(0.01)
+        await trio.sleep(0.5)
+        assert r.pending > 0 and r.sink_status()[1]["failures"] > 0
+        await trio.to_thread.run_sync(fake.start)  # same port, same data
+        await r.flush()
+        with trio.fail_after(20):
+            while r.pending:
+                await trio.sleep(0.05)
+        n.cancel_scope.cancel()
+    docs = mongo.docs()
+    assert sum(d["queryCount"] for d in docs) == 40 and len(docs) == len({d["_id"] for d in docs})
+    assert {d["_id"] for d in docs} == set(other.by_id)
+    r.close()
+
+
+def test_make_sinks_from_settings():
+    s = Settings(platform_dsn="postgresql://x@127.0.0.1/p", mongodb_url="mongodb://127.0.0.1:1/db")
+    assert [k.name for k in make_sinks(s)] == ["postgres", "mongodb"]
+    s = Settings(platform_dsn="postgresql://x@127.0.0.1/p", usage_sink_postgres=False)
+    assert make_sinks(s) == []
