@@ -21,6 +21,7 @@ that died and was not restarted under the same id) are adopted and drained by an
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ DEFAULT_ESTIMATE = TIER_ESTIMATES["free"]  # unknown tier: the seed 000 factor (
 HEAVY_ROWS = 1000  # a result above this many rows counts twice (seed 001 section 3.2 "parallelism")
 
 USAGE_NAMESPACE = uuid.UUID("5b0d6f1e-4f7c-5d1e-9a47-0a7c5e0b5e11")
+_NS_BYTES = USAGE_NAMESPACE.bytes
 _ORG_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 MAX_AUTH_NAMES = 1000  # distinct failed-login names kept per window; the rest are summed under "*"
 
@@ -163,8 +165,16 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def record_id(worker: str, boot: str, seq: int, org_key: str, db_type: str | None) -> str:
-    """Deterministic: the same window of the same recorder incarnation always gets the same id."""
-    return str(uuid.uuid5(USAGE_NAMESPACE, f"{worker}/{boot}/{seq}/{org_key}/{db_type or ''}"))
+    """Deterministic: the same window of the same recorder incarnation always gets the same id.
+
+    uuid5(USAGE_NAMESPACE, "worker/boot/seq/org/db type"), computed without the uuid module's objects
+    (3x faster; a window of 10,000 orgs makes 10,000 of them).
+    """
+    b = bytearray(hashlib.sha1(_NS_BYTES + f"{worker}/{boot}/{seq}/{org_key}/{db_type or ''}".encode()).digest()[:16])
+    b[6] = (b[6] & 0x0F) | 0x50
+    b[8] = (b[8] & 0x3F) | 0x80
+    x = b.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -403,7 +413,7 @@ class UsageRecorder:
     def __init__(self, settings: Any, *, worker: str, sinks: Sequence[Sink] | None = None,
                  spool_max_bytes: int | None = None, batch_records: int = 1000,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 memory_max_records: int = 100_000) -> None:
+                 memory_max_records: int = 100_000, metrics: Any = None) -> None:
         self.settings = settings
         self.worker = worker
         self.window = float(getattr(settings, "usage_window", 10.0))
@@ -432,7 +442,10 @@ class UsageRecorder:
         self.spool_full = False
         self.windows_closed = 0
         self.last_ship_time: float | None = None  # wall clock of the last successful shipment
+        self.spool_disk_bytes = 0  # bytes of spool files on disk (shipped or not): what the cap limits
         self._pending_spooled = 0
+        self._oldest_unshipped: float | None = None  # wall clock end of the oldest window not yet shipped
+        self.metrics = metrics  # optional WorkerMetrics: usage_spool_bytes, usage_shipping_lag_seconds
 
     # ---------------------------------------------------------------------------- hot path API
     def counters(self, org_id: str, org_name: str, db_type: str, *, tier: str | None = None) -> UsageCounters:
@@ -458,29 +471,41 @@ class UsageRecorder:
     # ---------------------------------------------------------------------------- windows
     def _close_window(self, now: float | None = None) -> list[UsageRecord]:
         """Snapshot every counters object into records for [window start, now) and reset them."""
+        return self._build(self._snapshot(now))
+
+    def _snapshot(self, now: float | None = None) -> tuple:
+        """The cheap part, on the event loop: take and reset the counters (plain tuples, no records yet)."""
         now = time.time() if now is None else now
         start, self._window_start = self._window_start, now
         seq = self._seq
         self._seq += 1
         self.windows_closed += 1
-        p_start = datetime.fromtimestamp(start, timezone.utc)
-        p_end = datetime.fromtimestamp(now, timezone.utc)
-        out: list[UsageRecord] = []
+        taken = []
         for c in self._counters.values():
             if c._idle():
                 continue
-            (q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, peak, auth) = c._take()
-            if not (q or err or thr or ref or b_in or b_out or rows or q_s or b_s or peak or auth):
-                continue
-            vcpu_h, mem_h = estimate(q_s, heavy_s, c.tier)
+            snap = c._take()
+            if any(snap):
+                taken.append((c.org_id, c.org_name, c.db_type, c.tier, snap))
+        auth, self._auth = self._auth, {}
+        return seq, start, now, taken, auth
+
+    def _build(self, snapshot: tuple) -> list[UsageRecord]:
+        """Records from a snapshot (ids, estimates): runs in a worker thread when there are many orgs."""
+        seq, start, now, taken, auth = snapshot
+        p_start = datetime.fromtimestamp(start, timezone.utc)
+        p_end = datetime.fromtimestamp(now, timezone.utc)
+        out: list[UsageRecord] = []
+        for org_id, org_name, db_type, tier, snap in taken:
+            (q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, peak, auth_n) = snap
+            vcpu_h, mem_h = estimate(q_s, heavy_s, tier)
             out.append(UsageRecord(
-                id=record_id(self.worker, self._boot, seq, c.org_id or c.org_name, c.db_type),
-                org_id=c.org_id, org_name=c.org_name, database_type=c.db_type, worker=self.worker,
+                id=record_id(self.worker, self._boot, seq, org_id or org_name, db_type),
+                org_id=org_id, org_name=org_name, database_type=db_type, worker=self.worker,
                 period_start=p_start, period_end=p_end, queries=q, errors=err, throttled=thr, refused=ref,
                 bytes_in=b_in, bytes_out=b_out, rows=rows, query_seconds=q_s, backend_seconds=b_s,
-                peak_connections=peak, auth_failures=auth, vcpu_hours=vcpu_h, memory_gb_hours=mem_h, tier=c.tier,
+                peak_connections=peak, auth_failures=auth_n, vcpu_hours=vcpu_h, memory_gb_hours=mem_h, tier=tier,
             ))
-        auth, self._auth = self._auth, {}
         for name, n in auth.items():
             out.append(UsageRecord(
                 id=record_id(self.worker, self._boot, seq, "auth:" + name, None),
@@ -488,6 +513,12 @@ class UsageRecorder:
                 period_start=p_start, period_end=p_end, auth_failures=n,
             ))
         return out
+
+    async def _close_and_write(self) -> None:
+        snap = self._snapshot()
+        records = (self._build(snap) if len(snap[3]) + len(snap[4]) < 200
+                   else await trio.to_thread.run_sync(self._build, snap))
+        await self._write(records)
 
     def _next_boundary(self, now: float) -> float:
         return (math.floor(now / self.window) + 1) * self.window
@@ -508,14 +539,30 @@ class UsageRecorder:
         if replay:
             frames = await trio.to_thread.run_sync(self._spool.read_pending, 1 << 62)
             self._pending_spooled += sum(len(recs) for _seg, _end, recs in frames)
+            ends = [r.period_end.timestamp() for _seg, _end, recs in frames for r in recs]
+            self._oldest_unshipped = min(ends) if ends else None
             log.info("usage spool: replaying %d records (%d bytes) left by a previous run", self._pending_spooled,
                      replay, extra={"worker": self.worker, "spool": str(self._spool.path)})
         self._refresh_metrics()
 
     def _refresh_metrics(self) -> None:
         if self._spool is not None:
-            self.spool_bytes = self._spool.total_bytes()
+            self.spool_bytes = self._spool.pending_bytes()
+            self.spool_disk_bytes = self._spool.total_bytes()
         self.pending = len(self._unwritten) + self._pending_spooled
+        if not self.pending:
+            self._oldest_unshipped = None
+        m = self.metrics
+        if m is not None:
+            m.usage_spool_bytes = self.spool_bytes
+            m.usage_shipping_lag_seconds = self.shipping_lag_seconds
+
+    @property
+    def shipping_lag_seconds(self) -> float:
+        """Age of the oldest record not yet in every sink (an upper bound: counted from its window's end)."""
+        if not self.pending or self._oldest_unshipped is None:
+            return 0.0
+        return max(0.0, time.time() - self._oldest_unshipped)
 
     async def _write(self, records: list[UsageRecord]) -> None:
         """Append closed records (and any backlog) to the spool; keep them in memory if it is full."""
@@ -548,6 +595,8 @@ class UsageRecorder:
                 log.warning("usage spool: has room again", extra={"worker": self.worker})
                 self.spool_full = False
             self._pending_spooled += len(batch)
+            if self._oldest_unshipped is None:
+                self._oldest_unshipped = min(r.period_end for r in batch).timestamp()
             self._refresh_metrics()
             self._wake.set()
 
@@ -567,13 +616,15 @@ class UsageRecorder:
                       lost, self.memory_max_records, extra={"worker": self.worker, "dropped_total": self.dropped})
             batch = batch[lost:]
         self._unwritten = batch
+        if batch and self._oldest_unshipped is None:
+            self._oldest_unshipped = min(r.period_end for r in batch).timestamp()
         self._refresh_metrics()
 
     async def flush(self) -> None:
         """Close the current window now and write it to the spool (SIGTERM drain). Does not ship."""
         if self._spool is None:
             await self._open_spool()
-        await self._write(self._close_window())
+        await self._close_and_write()
 
     # ---------------------------------------------------------------------------- shipping
     async def _ship_once(self, spool: SpoolDir, *, own: bool) -> bool:
@@ -603,6 +654,8 @@ class UsageRecorder:
             self._pending_spooled = max(0, self._pending_spooled - len(records))
         self.shipped += len(records)
         self.last_ship_time = time.time()
+        if own:  # what is left is newer than what was just shipped
+            self._oldest_unshipped = max(r.period_end for r in records).timestamp()
         self._refresh_metrics()
         return True
 
@@ -674,7 +727,8 @@ class UsageRecorder:
             if trio.current_time() - last_adopt > max(60.0, self.window * 6):
                 last_adopt = trio.current_time()
                 await self._adopt_orphans()
-            with trio.move_on_after(max(1.0, self.window)):
+            self._refresh_metrics()  # the lag grows while nothing happens
+            with trio.move_on_after(min(5.0, max(1.0, self.window))):
                 await self._wake.wait()
             self._wake = trio.Event()
 
@@ -682,7 +736,7 @@ class UsageRecorder:
         while True:
             now = time.time()
             await trio.sleep(max(0.0, self._next_boundary(now) - now))
-            await self._write(self._close_window())
+            await self._close_and_write()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task: replay the spool, close windows, write them to the spool, ship them."""

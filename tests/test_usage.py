@@ -132,7 +132,12 @@ async def test_window_records(tmp_path):
 def test_record_ids_are_deterministic_and_distinct():
     from o7s_cluster.usage import record_id
 
+    import uuid
+
+    from o7s_cluster.usage import USAGE_NAMESPACE
+
     assert record_id("m0-w1", "boot", 3, "org", "postgres") == record_id("m0-w1", "boot", 3, "org", "postgres")
+    assert record_id("m0-w1", "boot", 3, "org", None) == str(uuid.uuid5(USAGE_NAMESPACE, "m0-w1/boot/3/org/"))
     ids = {record_id(w, b, s, o, d) for w in ("m0-w1", "m0-w2") for b in ("x", "y") for s in (1, 2)
            for o in ("o1", "o2") for d in ("postgres", "neon")}
     assert len(ids) == 32
@@ -453,3 +458,34 @@ async def test_postgres_sink_down_then_up_every_record_once(breakable_platform, 
         n_rows = conn.execute("SELECT count(*) FROM platform.usage_metrics").fetchone()[0]
     assert n_rows == rec.shipped  # every record once
     rec.close()
+
+
+async def test_metrics_gauges_spool_bytes_and_lag(tmp_path):
+    from types import SimpleNamespace
+
+    m = SimpleNamespace(usage_spool_bytes=0, usage_shipping_lag_seconds=0.0)
+    sink = MemorySink()
+    sink.down = True
+    rec = UsageRecorder(settings(tmp_path), worker="m0-w1", sinks=[sink], metrics=m, backoff_initial=0.01)
+    rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+    await rec.flush()
+    await trio.sleep(0.3)
+    rec._refresh_metrics()
+    assert m.usage_spool_bytes == rec.spool_bytes > 0
+    assert 0.25 <= m.usage_shipping_lag_seconds < 5
+    sink.down = False
+    await rec.ship_now()
+    assert (m.usage_spool_bytes, m.usage_shipping_lag_seconds, rec.pending) == (0, 0.0, 0)
+    rec.close()
+
+
+def test_window_close_snapshot_then_build(tmp_path):
+    """A window close takes a snapshot on the event loop and builds the records (ids, estimates) apart,
+    in a thread when there are many orgs. (Its cost is measured, not asserted: see docs/USAGE.md.)"""
+    rec = recorder(tmp_path)
+    for i in range(10_000):
+        rec.counters(f"id{i}", f"org{i}", "postgres").query_done(0.001, 1, True)
+    snap = rec._snapshot()
+    assert len(snap[3]) == 10_000 and all(c.queries == 0 for c in rec._counters.values())
+    records = rec._build(snap)
+    assert len(records) == len({r.id for r in records}) == 10_000
