@@ -32,7 +32,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -401,12 +401,6 @@ class _SinkState:
 # ------------------------------------------------------------------------------------------- recorder
 
 
-@dataclass
-class _Adopted:
-    spool: SpoolDir
-    done: bool = False
-
-
 class UsageRecorder:
     """Per-worker usage aggregation, spooling and shipping (see the module docstring)."""
 
@@ -722,6 +716,7 @@ class UsageRecorder:
         assert self._spool is not None
         last_adopt = -math.inf
         while True:
+            self._wake = trio.Event()  # a write from here on wakes the wait below
             while await self._ship_once(self._spool, own=True):
                 pass
             if trio.current_time() - last_adopt > max(60.0, self.window * 6):
@@ -730,7 +725,6 @@ class UsageRecorder:
             self._refresh_metrics()  # the lag grows while nothing happens
             with trio.move_on_after(min(5.0, max(1.0, self.window))):
                 await self._wake.wait()
-            self._wake = trio.Event()
 
     async def _closer(self) -> None:
         while True:
@@ -742,13 +736,17 @@ class UsageRecorder:
         """Background task: replay the spool, close windows, write them to the spool, ship them."""
         if self._spool is None:
             await self._open_spool()
+        if not self._sinks:
+            log.warning("usage: no sink configured (usage_sink_postgres off, no mongodb_url): records are spooled"
+                        " and discarded", extra={"worker": self.worker})
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._shipper)
                 nursery.start_soon(self._closer)
                 task_status.started()
         finally:
-            with trio.CancelScope(shield=True):
+            # a sink call abandoned on a hung server may hold its connection: do not wait long for it
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
                 for st in self._sinks:
                     try:
                         await st.sink.aclose()

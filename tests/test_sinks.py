@@ -17,6 +17,8 @@ from o7s_cluster.sinks.mongo import MongoSink, to_document
 from o7s_cluster.usage import UsageRecord, UsageRecorder, make_sinks
 
 REAL_URL = os.environ.get("O7S_TEST_MONGODB_URL")
+# mockupdb's accept thread can trip over its own closed socket when the test server is stopped
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 class Backend:
