@@ -152,8 +152,9 @@ class Supervisor:
             return
         self.settings = dataclasses.replace(new, workers=self.target)
         log.info("configuration reloaded")
+        payload = dataclasses.asdict(self.settings)
         for handle in self._up():
-            await self._send(handle, {"cmd": "reload"})
+            await self._send(handle, {"cmd": "reload", "settings": payload})
 
     # --- control channel -----------------------------------------------------------------------
 

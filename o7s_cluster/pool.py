@@ -52,6 +52,9 @@ class Pool:
         self.in_use = 0
         self.waiting = 0
         self.opened_total = 0
+        # What a fresh server connection reports at start-up (server_version, encodings...): enough to
+        # log a client in without taking a backend.
+        self.server_params: dict[str, str] | None = None
 
     def would_wait(self) -> bool:
         return self._slots.value == 0
@@ -75,6 +78,8 @@ class Pool:
                 await conn.aclose()
             remaining = max(0.5, self.settings.connect_timeout - (time.monotonic() - start))
             conn = await backend.connect(self.target, timeout=remaining, extra_params=self.startup_params)
+            if self.server_params is None:
+                self.server_params = dict(conn.initial_params)
             self.opened_total += 1
             self.in_use += 1
             return conn

@@ -63,6 +63,22 @@ class Server:
             peer = "?"
         await self.run_session(Session(self, stream, peer))
 
+    def reload(self, settings: Settings) -> None:
+        """SIGHUP: timeouts, TLS certificate and log level take effect now; the listen address and
+        the worker count are the supervisor's (the address needs a restart)."""
+        self.settings = settings
+        ps = self.pools.settings
+        ps.connect_timeout = settings.server_connect_timeout
+        ps.acquire_timeout = settings.pool_timeout
+        ps.idle_timeout = settings.server_idle_timeout
+        try:
+            self.tls_context = _tls_context(settings)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS certificate reload failed; keeping the old one", extra={"error": str(exc)})
+        logging.getLogger().setLevel(settings.log_level.upper())
+        self.catalog.invalidate()
+        log.info("configuration reloaded")
+
     def _pool_state(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for pool in self.pools.pools.values():
@@ -73,7 +89,6 @@ class Server:
         return out
 
     async def run_session(self, session: Session) -> None:
-        self.metrics.sessions_total += 1
         if self.draining:
             session.drain()
         self.all_sessions.add(session)

@@ -435,6 +435,7 @@ class Session:
         self.login = login
         self.metrics = self.server.metrics.org(login.name, login.tier)
         self.metrics.client_connections += 1
+        self.server.metrics.sessions_total += 1
         if self.handed_off:
             self.metrics.handoffs_in += 1
         if self.db_name not in login.databases:
@@ -443,6 +444,17 @@ class Session:
         await self._send_client(m.auth_ok())
 
         self.pool = await self.server.pool_for(login, self.db_name)
+        known = self.pool.server_params
+        if self.transaction_mode and known is not None and all(_param_key(k) in _SYNCED_REPORTED for k in wanted):
+            # Like PgBouncer: no backend needed to log in. The server's start-up parameters are known
+            # from the pool; the client's own (common, reported) settings are applied when it first
+            # gets a backend. Anything else (options=-c ..., role...) is checked on a backend now.
+            self.client_params = {k: v for k, v in known.items() if k in _SYNCED_REPORTED}
+            self.client_params.update((_param_key(k), v) for k, v in wanted.items())
+            reported = dict(known)
+            reported.update((k, v) for k, v in self.client_params.items() if k in known)
+            await self._finish_login(reported)
+            return
         try:
             conn = await self._acquire()
         except ClientError as exc:
@@ -464,17 +476,20 @@ class Session:
         for name, value in conn.params.items():
             if name in _SYNCED_REPORTED:
                 self.client_params[name] = value
-        self.pid, self.secret = self.server.register(self)
-        out = bytearray()
-        for name, value in conn.params.items():
-            out += m.parameter_status(name, value)
-        out += m.backend_key_data(self.pid, self.secret)
-        out += m.ready_for_query(b"I")
         if self.transaction_mode:
             self.pool.release(conn)
         else:
             self.backend = conn
             self.metrics.backend_connections += 1
+        await self._finish_login(conn.params)
+
+    async def _finish_login(self, reported: dict[str, str]) -> None:
+        self.pid, self.secret = self.server.register(self)
+        out = bytearray()
+        for name, value in reported.items():
+            out += m.parameter_status(name, value)
+        out += m.backend_key_data(self.pid, self.secret)
+        out += m.ready_for_query(b"I")
         await self._send_client(out)
 
     async def _authenticate(self) -> OrgLogin:
@@ -562,8 +577,14 @@ class Session:
         except BackendError as exc:
             assert self.pool is not None
             await self.pool.discard(conn)
-            raise ClientError(exc.sqlstate, f"could not prepare a connection to database \"{self.db_name}\": "
-                              f"{exc.reason}", fatal=False) from None
+            # Most likely a start-up setting of the client's that the server refuses: drop the client's
+            # settings so that the session stays usable, and say so.
+            known = self.pool.server_params or {}
+            self.client_params = {k: v for k, v in known.items() if k in _SYNCED_REPORTED}
+            raise ClientError(exc.sqlstate, f"could not apply your session settings on database "
+                              f"\"{self.db_name}\": {exc.reason.partition(' ')[2] or exc.reason}",
+                              hint="Your settings were reset to the server's defaults; SET them again.",
+                              fatal=False) from None
         except BaseException:
             assert self.pool is not None
             await self.pool.discard(conn)

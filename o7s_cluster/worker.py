@@ -53,6 +53,7 @@ class Router:
         self.members: list[int] = [index]
         self.sock: trio.socket.SocketType = None  # type: ignore[assignment]
         self.metrics: WorkerMetrics | None = None
+        self.send_lock = trio.Lock()
 
     async def bind(self) -> None:
         path = worker_socket_path(self.run_dir, self.index)
@@ -73,8 +74,11 @@ class Router:
         payload = _HANDOFF + (b"\x01" if tls_pending else b"\x00") + preread
         fds = array.array("i", [stream.socket.fileno()])
         try:
-            await self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0,
-                                    worker_socket_path(self.run_dir, home))
+            # One sender at a time: a burst can fill the receiver's datagram queue, and trio lets only
+            # one task wait on a socket.
+            async with self.send_lock:
+                await self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0,
+                                        worker_socket_path(self.run_dir, home))
         except OSError as exc:  # the home worker is gone or restarting: serve here
             log.warning("hand-off failed; serving locally", extra={"org": org, "to": home, "error": str(exc)})
             return False
@@ -237,7 +241,7 @@ class Worker:
         elif cmd == "drain":
             self.stop()
         elif cmd == "reload":
-            self.server.catalog.invalidate()
+            self.server.reload(Settings(**msg["settings"]))
         return None
 
 

@@ -258,3 +258,63 @@ def test_sigterm_lets_an_open_transaction_commit_then_says_57P01(migrated, tmp_p
         stop_proxy(p)
     with psycopg.connect(org.backend_dsn) as direct:
         assert direct.execute("select array_agg(n order by n) from drained").fetchone() == ([1, 2],)
+
+
+def test_tls_connections_are_handed_off_by_sni(migrated, tmp_path_factory, orgs):
+    from test_tls import _PROXY_CERT, _PROXY_KEY
+
+    admin = free_port()
+    p = start_proxy(migrated, tmp_path_factory.mktemp("sni"), "--workers", "2", "--admin", f"127.0.0.1:{admin}",
+                    "--tls-cert", _PROXY_CERT, "--tls-key", _PROXY_KEY)
+    url = f"http://127.0.0.1:{admin}"
+    conns = []
+    try:
+        wait_ready(url)
+        for org in orgs.values():
+            for _ in range(3):
+                # libpq sends `host` as the SNI name and connects to `hostaddr`.
+                c = psycopg.connect(p.dsn(org, sslmode="require", hostaddr="127.0.0.1",
+                                          host=f"{org.name}.db.example.com"), autocommit=True)
+                assert c.pgconn.ssl_in_use
+                c.execute("select 1")
+                conns.append(c)
+        live = members(url)
+        held = holders(url)
+        for name in orgs:
+            assert held.get(name) == [home_worker(name, live)], (name, held.get(name))
+    finally:
+        for c in conns:
+            c.close()
+        stop_proxy(p)
+
+
+def test_sighup_reloads_the_configuration(migrated, tmp_path_factory, make_org):
+    org = make_org("clreload", "free")  # pool of 3
+    tmp = tmp_path_factory.mktemp("reload")
+    config = tmp / "o7s.toml"
+    config.write_text("pool_timeout = 4\n")
+    p = start_proxy(migrated, tmp, "--workers", "1", "--config", str(config))
+    holders_ = []
+    try:
+        for _ in range(3):
+            c = psycopg.connect(p.dsn(org))
+            c.execute("select 1")  # a transaction stays open: the backend stays attached
+            holders_.append(c)
+
+        def pool_error() -> str:
+            with psycopg.connect(p.dsn(org), autocommit=True) as c:
+                with pytest.raises(psycopg.errors.OperationalError) as info:
+                    c.execute("select 1")
+                assert info.value.sqlstate == "53P01"
+                return str(info.value)
+
+        assert "within 4 s" in pool_error()
+        config.write_text("pool_timeout = 1\n")
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "within 1 s" not in (msg := pool_error()):
+            assert time.monotonic() < deadline, msg
+    finally:
+        for c in holders_:
+            c.close()
+        stop_proxy(p)
