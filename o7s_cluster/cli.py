@@ -95,8 +95,19 @@ def cmd_org_add_db(args: argparse.Namespace) -> int:
 
 
 def cmd_org_set_tier(args: argparse.Namespace) -> int:
-    Admin(_platform_dsn(args)).set_tier(args.org, args.tier)
+    admin = Admin(_platform_dsn(args))
+    admin.set_tier(args.org, args.tier)
     print(f"org {args.org} is now on tier {args.tier}")
+    redis_url = os.environ.get("O7S_REDIS_URL") or os.environ.get("REDIS_URL")
+    if redis_url:  # every worker of every machine applies it within a second (issue 4)
+        from o7s_cluster.redisconn import REDIS_ERRORS
+        from o7s_cluster.tiercache import publish_tier_change
+
+        try:
+            publish_tier_change(redis_url, args.org, admin.show_org(args.org).limits)
+        except REDIS_ERRORS as e:
+            print(f"o7s: warning: could not tell the workers through Redis ({type(e).__name__}); they pick the"
+                  " new tier up when their cache expires", file=sys.stderr)
     return 0
 
 

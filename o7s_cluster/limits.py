@@ -29,7 +29,6 @@ tasks only; see redisconn.py for why.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -44,12 +43,15 @@ import trio
 from o7s_cluster.catalog import TierLimits
 from o7s_cluster.config import Settings
 from o7s_cluster.redisconn import REDIS_ERRORS, client as redis_client, redact
+from o7s_cluster.tiercache import TIER_CHANNEL, TierCache, parse_tier_message, tier_message
+
+__all__ = ["LimitError", "Limits", "Bucket", "Ticket", "TierCache", "TIER_CHANNEL", "tier_message",
+           "parse_tier_message", "SQLSTATE_TOO_MANY_CONNECTIONS", "SQLSTATE_RATE_LIMIT"]
 
 log = logging.getLogger("o7s.limits")
 
 SQLSTATE_TOO_MANY_CONNECTIONS = "53300"
 SQLSTATE_RATE_LIMIT = "53400"
-TIER_CHANNEL = "o7s:tier"
 WORKERS_KEY = "o7s:workers"
 
 
@@ -426,6 +428,11 @@ class Limits:
         self.degraded_count = 0  # times limits went degraded (a counter for metrics)
         self.workers_seen = 1  # live workers in Redis's registry, the fallback k
         self.tiers: list[TierLimits] = []  # the tier table in upgrade order, for hints (set_tiers)
+        # org -> tier: local, then Redis (1 h), then the control plane
+        self.tier_cache = TierCache(platform_dsn=settings.platform_dsn, ttl=max(1.0, settings.catalog_ttl),
+                                    limiter=self._limiter)
+        self._refresh: set[str | None] = set()
+        self._refresh_event = trio.Event()
         self.started = False
 
     # -- the interface the session calls
@@ -520,6 +527,7 @@ class Limits:
                 else:
                     log.info("limits: node-local (no Redis configured)")
                 nursery.start_soon(self._guard, self._sync_loop)
+                nursery.start_soon(self._guard, self._tier_loop)
                 task_status.started()
         finally:
             if self._url is not None and self._redis is not None and not self.degraded:
@@ -544,6 +552,7 @@ class Limits:
         assert self._url is not None
         self._redis = redis_client(self._url, timeout=self._timeout)
         self._take_script = self._redis.register_script(TAKE_LUA)
+        self.tier_cache.redis = self._redis
         self._gate_script = self._redis.register_script(GATE_LUA)
 
     def _set_degraded(self, err: BaseException) -> None:
@@ -774,6 +783,10 @@ class Limits:
     # -- tier changes
 
     def _invalidate(self, org_name: str | None, limits: TierLimits | None = None) -> None:
+        if org_name is not None and limits is not None:
+            self.tier_cache.put(org_name, limits)
+        else:
+            self.tier_cache.invalidate(org_name)
         for cb in list(self._callbacks):
             try:
                 cb(org_name)
@@ -783,6 +796,42 @@ class Limits:
             for b in list(self._buckets.values()):
                 if b.org_name == org_name:
                     b.update_limits(limits)
+        elif org_name is None or any(b.org_name == org_name for b in self._buckets.values()):
+            self._refresh.add(org_name)  # open connections: look the tier up again, in the background
+            self._refresh_event.set()
+
+    async def _tier_loop(self) -> None:
+        """Keeps the tier table (for hints) and the open buckets' limits current after invalidations."""
+        if self.settings.platform_dsn is None and self._url is None:
+            return
+        warned = False
+        next_table = 0.0
+        while True:
+            with trio.move_on_at(next_table):
+                await self._refresh_event.wait()
+            self._refresh_event = trio.Event()
+            todo, self._refresh = self._refresh, set()
+            try:
+                if None in todo or trio.current_time() >= next_table:
+                    tiers = await self.tier_cache.tiers()
+                    if tiers:
+                        self.tiers = tiers
+                    next_table = trio.current_time() + 600.0
+                names = {b.org_name for b in self._buckets.values()} if None in todo else todo - {None}
+                for name in names:
+                    limits = await self.tier_cache.get(name)  # type: ignore[arg-type]
+                    if limits is not None:
+                        for b in list(self._buckets.values()):
+                            if b.org_name == name:
+                                b.update_limits(limits)
+                warned = False
+            except Exception as e:  # control plane down: keep the current limits, try again soon
+                self._refresh |= todo
+                next_table = trio.current_time() + 5.0
+                if not warned:
+                    log.warning("limits: tier lookup failed; keeping the current limits",
+                                extra={"error": f"{type(e).__name__}: {e}"[:200]})
+                    warned = True
 
     def _on_message(self, data: bytes | str) -> None:
         org, limits = parse_tier_message(data)
@@ -838,27 +887,3 @@ class Limits:
                                "connections": self.connections(b.org_id)}
         return out
 
-
-def tier_message(org_name: str | None, limits: TierLimits | None = None) -> str:
-    """The payload `o7s org set-tier` publishes on TIER_CHANNEL."""
-    return json.dumps({"org": org_name, "limits": None if limits is None else {
-        f: getattr(limits, f) for f in TierLimits.__dataclass_fields__}})
-
-
-def parse_tier_message(data: bytes | str) -> tuple[str | None, TierLimits | None]:
-    text = data.decode() if isinstance(data, bytes) else data
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return (text.strip() or None), None  # a bare org name
-    if not isinstance(doc, dict):
-        return None, None
-    org = doc.get("org")
-    lim = doc.get("limits")
-    limits = None
-    if isinstance(lim, dict):
-        try:
-            limits = TierLimits(**{f: lim[f] for f in TierLimits.__dataclass_fields__})
-        except (KeyError, TypeError):
-            limits = None
-    return (org if isinstance(org, str) else None), limits

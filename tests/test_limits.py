@@ -22,6 +22,7 @@ from o7s_cluster.config import Settings
 from o7s_cluster.limits import (
     TIER_CHANNEL, Bucket, LimitError, Limits, parse_tier_message, tier_message,
 )
+from o7s_cluster.tiercache import TierCache, org_key, publish_tier_change
 
 FREE = TierLimits("free", 5, 10, 1, 3, 1000, 5000, "4MB", False)
 STARTER = TierLimits("starter", 10, 50, 10, 5, 1000, 15000, "8MB", True)
@@ -469,4 +470,82 @@ async def test_degraded_connection_gate_uses_last_known_remote_count(redis_serve
             await a.open_connection(ORG, "acme", FREE)
         for x in held + [mine, more]:
             x.release()
+        n.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- tier lookup
+
+
+async def test_tier_cache_layers_local_redis_control_plane(redis_server) -> None:
+    calls: list[str] = []
+
+    def loader(name: str) -> TierLimits | None:
+        calls.append(name)
+        return {"acme": FREE}.get(name)
+
+    r = redis.Redis.from_url(redis_server.url)
+    a = TierCache(redis=redis.Redis.from_url(redis_server.url), org_loader=loader, tiers_loader=lambda: TIERS, ttl=0.3)
+    b = TierCache(redis=redis.Redis.from_url(redis_server.url), org_loader=loader, tiers_loader=lambda: TIERS, ttl=0.3)
+    assert await a.get("acme") == FREE  # control plane, then written to Redis with a one-hour TTL
+    assert calls == ["acme"]
+    assert 3500 < r.ttl(org_key("acme")) <= 3600
+    assert await a.get("acme") == FREE  # local
+    assert await b.get("acme") == FREE  # another worker: from Redis
+    assert calls == ["acme"] and a.hits == {"local": 1, "redis": 0, "control_plane": 1} and b.hits["redis"] == 1
+    assert await a.get("ghost") is None and await a.get("ghost") is None  # unknown orgs are cached too
+    assert calls == ["acme", "ghost"]
+    assert await a.tiers() == TIERS and await b.tiers() == TIERS
+    # set-tier writes through and publishes; a worker that has not heard still expires its local entry
+    assert publish_tier_change(redis_server.url, "acme", PRO) == 0
+    await trio.sleep(0.35)
+    assert await b.get("acme") == PRO
+    assert calls == ["acme", "ghost"]
+    redis_server.stop()  # Redis down: straight to the control plane
+    a.invalidate("acme")
+    assert await a.get("acme") == FREE
+    assert calls == ["acme", "ghost", "acme"]
+
+
+async def test_published_change_without_limits_refreshes_open_buckets(redis_server) -> None:
+    w = Limits(settings(redis_server.url), worker_key="w0")
+    current = {"acme": FREE}
+    w.tier_cache._org_loader = lambda name: current.get(name)
+    w.tier_cache._tiers_loader = lambda: TIERS
+    seen: list[str | None] = []
+    w.on_invalidate(seen.append)
+    async with trio.open_nursery() as n:
+        await n.start(w.run)
+        b = w.bucket(ORG, "acme", FREE)
+        await trio.sleep(0.2)
+        assert w.tiers == TIERS  # loaded in the background, for the 53300 hint
+        current["acme"] = STARTER
+        await trio.to_thread.run_sync(publish_tier_change, redis_server.url, "acme", None)
+        with trio.fail_after(1.0):
+            while b.limits != STARTER:
+                await trio.sleep(0.01)
+        await trio.to_thread.run_sync(publish_tier_change, redis_server.url, None, None)
+        await trio.sleep(0.2)
+        assert seen == ["acme", None]
+        n.cancel_scope.cancel()
+
+
+async def test_subscriber_survives_redis_restart(redis_server) -> None:
+    w = Limits(settings(redis_server.url), worker_key="w0", probe_interval=0.1)
+    seen: list[str | None] = []
+    w.on_invalidate(seen.append)
+    async with trio.open_nursery() as n:
+        await n.start(w.run)
+        b = w.bucket(ORG, "acme", FREE)
+        await b.admit(False)
+        redis_server.stop()
+        await trio.sleep(0.5)
+        redis_server.start()
+        with trio.fail_after(3.0):
+            while None not in seen:  # resubscribed: everything is looked up again (changes may be missed)
+                await trio.sleep(0.05)
+        await trio.sleep(0.1)
+        await trio.to_thread.run_sync(publish_tier_change, redis_server.url, "acme", PRO)
+        with trio.fail_after(1.0):
+            while b.limits != PRO:
+                await trio.sleep(0.01)
         n.cancel_scope.cancel()
