@@ -68,9 +68,9 @@ class LimitError(Exception):
 
 # ------------------------------------------------------------------------------------------- Lua scripts
 
-# Take up to `want` tokens (or give back -want) from the org's central bucket, on Redis's clock.
-# KEYS: bucket hash, holders zset. ARGV: rate, capacity, want, init level, worker_key, holder_ttl_ms,
-# key_ttl_ms. Returns {granted, holders, tokens left (string)}.
+# Take up to `want` tokens from the org's central bucket, on Redis's clock; with leave = 1, give back
+# -want tokens and stop being a holder. KEYS: bucket hash, holders zset. ARGV: rate, capacity, want,
+# init level, worker_key, holder_ttl_ms, key_ttl_ms, leave. Returns {granted, holders, tokens left}.
 TAKE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -89,7 +89,7 @@ if now > ts then
 end
 if tokens > cap then tokens = cap end
 local now_ms = math.floor(now / 1000)
-if want < 0 then
+if ARGV[8] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[5])
 else
   redis.call('ZADD', KEYS[2], now_ms, ARGV[5])
@@ -107,7 +107,7 @@ if want > 0 then
   end
   if granted < 0 then granted = 0 end
   tokens = tokens - granted
-elseif want < 0 then
+elseif want < 0 and ARGV[8] == '1' then
   tokens = math.min(cap, tokens - want)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.9f', tokens), 'ts', string.format('%d', now))
@@ -610,7 +610,7 @@ class Limits:
         T = self.settings.rate_sync_interval
         now = trio.current_time()
         remote = self._url is not None and not self.degraded and self._take_script is not None
-        reqs: list[tuple[Bucket, int]] = []
+        reqs: list[tuple[Bucket, int]] = []  # want < 0 encodes a leave: -1 - tokens given back
         for org_id, b in list(self._buckets.items()):
             if b.admitted != b._seen or b._queued:
                 b._seen = b.admitted
@@ -620,7 +620,7 @@ class Limits:
                     give, b.stock = b.stock, 0
                     b._asked = False
                     if remote and b._holding:
-                        reqs.append((b, -give))
+                        reqs.append((b, -give - 1))  # encoded: -1 - tokens given back
                     elif b._share is not None and self._url is None:
                         b._share.put(give, now)
                     b._holding = False
@@ -652,8 +652,6 @@ class Limits:
             except REDIS_ERRORS as e:
                 self._set_degraded(e)
                 for b, want in reqs:
-                    if want < 0:
-                        b._holding = False
                     b._next_poll = 0.0
                 return trio.current_time()  # run again at once, on the local share
             now = trio.current_time()
@@ -682,6 +680,9 @@ class Limits:
         pipe = self._redis.pipeline(transaction=False)
         T = self.settings.rate_sync_interval
         for b, want in reqs:
+            leave = want < 0
+            if leave:
+                want = -(-want - 1)  # decode: -tokens given back (may be 0)
             key_ttl = max(10.0, 4 * b.capacity / b.rate, 4 * self.holder_ttl)
             # A bucket this worker synced recently that Redis no longer has was lost (Redis restarted
             # empty): start it empty rather than hand out a second burst. Otherwise it starts full.
@@ -689,7 +690,7 @@ class Limits:
             self._take_script(
                 keys=_bucket_keys(b.org_id),
                 args=[repr(b.rate), repr(b.capacity), want, 0 if recent else repr(b.capacity), self.worker_key,
-                      int(self.holder_ttl * 1000), int(key_ttl * 1000)],
+                      int(self.holder_ttl * 1000), int(key_ttl * 1000), "1" if leave else "0"],
                 client=pipe,
             )
         return pipe.execute()
@@ -773,7 +774,7 @@ class Limits:
             if b._holding:
                 self._take_script(keys=_bucket_keys(b.org_id),
                                   args=[repr(b.rate), repr(b.capacity), -b.stock, 0, self.worker_key,
-                                        int(self.holder_ttl * 1000), 10000], client=pipe)
+                                        int(self.holder_ttl * 1000), 10000, "1"], client=pipe)
         for g in self._gates.values():
             self._gate_script(keys=_gate_keys(g.org_id),
                               args=[self.worker_key, "force", 0, int(self.conn_expiry * 1000), 0, 0], client=pipe)

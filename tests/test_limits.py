@@ -549,3 +549,27 @@ async def test_subscriber_survives_redis_restart(redis_server) -> None:
             while b.limits != PRO:
                 await trio.sleep(0.01)
         n.cancel_scope.cancel()
+
+
+async def test_idle_worker_gives_tokens_back_and_stops_holding(redis_server) -> None:
+    a, b = (Limits(settings(redis_server.url), worker_key=f"w{i}", idle_after=0.5) for i in range(2))
+    r = redis.Redis.from_url(redis_server.url)
+    async with trio.open_nursery() as n:
+        await started(n, a, b)
+        ba, bb = a.bucket(ORG, "acme", PRO), b.bucket(ORG, "acme", PRO)
+        for _ in range(5):
+            await ba.admit(False)
+            await bb.admit(False)
+        await trio.sleep(0.2)
+        assert sorted(r.zrange(f"o7s:rlw:{{{ORG}}}", 0, -1)) == [b"w0", b"w1"]
+        run = Run()
+        await run.offer(ba, trio.current_time() + 1.5)  # only a has demand now
+        assert r.zrange(f"o7s:rlw:{{{ORG}}}", 0, -1) == [b"w0"]
+        assert bb.stock == 0 and ba.holders == 1
+        await trio.sleep(1.0)  # a idle too: nobody holds tokens, the bucket refills to B
+        assert r.zcard(f"o7s:rlw:{{{ORG}}}") == 0
+        assert float(r.hget(f"o7s:rl:{{{ORG}}}", "tokens")) >= 0.0
+        n.cancel_scope.cancel()
+    # shutdown leaves no trace of the workers' connection counts or registry entries
+    await trio.sleep(0.1)
+    assert r.zcard("o7s:workers") == 0
