@@ -5,6 +5,7 @@ benchmark result (loadtest/results/REPORT.md), never asserted here."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytest.importorskip("locust", reason="the loadtest extra is not installed (scripts/install installs it)")
-pytest.importorskip("matplotlib", reason="the loadtest extra is not installed")
+# Never import locust here: importing it monkey-patches the whole pytest process with gevent.
+if importlib.util.find_spec("locust") is None or importlib.util.find_spec("matplotlib") is None:
+    pytest.skip("the loadtest extra is not installed (scripts/install installs it)", allow_module_level=True)
 
 
 @pytest.mark.timeout(420)
