@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser, rate: float, duration: float) -> None:
     p.add_argument("--rate", type=float, default=rate, help="offered requests/s, all users together (%(default)s)")
     p.add_argument("--duration", type=float, default=duration, help="measured seconds per target (%(default)s)")
     p.add_argument("--warmup", type=float, default=d.warmup, help="seconds after the ramp before measuring (%(default)s)")
-    p.add_argument("--spawn-rate", type=float, default=0, help="users connected per second (default min(users, 200))")
+    p.add_argument("--spawn-rate", type=float, default=0, help="users connected per second (default min(users, 100))")
     p.add_argument("--locust-processes", type=int, default=d.locust_processes,
                    help="Locust worker processes; 1 = one local runner (%(default)s)")
     p.add_argument("--orgs", type=int, default=d.orgs, help="orgs (databases) the users are spread over (%(default)s)")
@@ -37,7 +37,9 @@ def _common(p: argparse.ArgumentParser, rate: float, duration: float) -> None:
                    help="tier of every org; sets the pool size for O7s and PgBouncer (%(default)s)")
     p.add_argument("--rows", type=int, default=d.rows, help="accounts per org (%(default)s)")
     p.add_argument("--mix", type=_mix, default=d.mix, help="weights, e.g. read=80,update=15,txn=5")
-    p.add_argument("--workers", type=int, default=d.workers, help="o7s serve --workers (0: its default)")
+    p.add_argument("--workers", default=",".join(map(str, d.workers)),
+                   help="o7s serve --workers; a comma-separated list runs one O7s target per count, "
+                        "e.g. 1,2 (%(default)s; 0: its default)")
     p.add_argument("--targets", default=",".join(d.targets),
                    help="comma-separated subset of direct,pgbouncer,o7s (%(default)s)")
     p.add_argument("--prepare-threshold", type=int, default=None,
@@ -63,7 +65,7 @@ def _options(a) -> bench.Options:
     return bench.Options(
         users=a.users, rate=a.rate, duration=a.duration, warmup=a.warmup, spawn_rate=a.spawn_rate,
         locust_processes=a.locust_processes, orgs=a.orgs, tier=a.tier, rows=a.rows, mix=a.mix,
-        workers=a.workers, targets=targets, prepare_threshold=a.prepare_threshold,
+        workers=[int(w) for w in str(a.workers).split(",") if w.strip()], targets=targets, prepare_threshold=a.prepare_threshold,
         locust_stats=not a.no_locust_stats, phase_jitter=not a.no_phase_jitter,
         fast_wait=not a.gevent_poll_wait, out=a.out, keep=a.keep,
     )
@@ -95,8 +97,12 @@ def compare(a) -> int:
         stack.start(log)
         machine = bench.versions(stack)
         results = []
-        for t in opts.targets:
-            r = bench.run_target(stack, t, opts, wd / "runs" / t, log)
+        for t in stack.target_names():
+            stack.begin(t, log)
+            try:
+                r = bench.run_target(stack, t, opts, wd / "runs" / t, log)
+            finally:
+                stack.end(t)
             log(_summary(r))
             results.append(r)
         bench.save(out / "compare.json", {"options": bench.opts_dict(opts), "machine": machine,
@@ -124,19 +130,24 @@ def sweep(a) -> int:
     wd = infra.make_workdir(a.workdir)
     stack = bench.Stack(opts, wd)
     runs: list[dict] = []
-    misses = {t: 0 for t in opts.targets}
+    misses = {t: 0 for t in stack.target_names()}
     try:
         stack.start(log)
         machine = bench.versions(stack)
         for rate in rates:
-            for t in opts.targets:
+            for t in stack.target_names():
                 if misses[t] >= 2:
                     continue
                 o = bench.Options(**{**bench.opts_dict(opts), "rate": rate})
-                r = bench.run_target(stack, t, o, wd / "runs" / f"{t}-{rate:g}", log)
+                stack.begin(t, log)
+                try:
+                    r = bench.run_target(stack, t, o, wd / "runs" / f"{t}-{rate:g}", log)
+                finally:
+                    stack.end(t)
                 log(_summary(r))
                 runs.append(r)
                 misses[t] = 0 if report.passes(r) else misses[t] + 1
+                r["o7s_note"] = stack.o7s_note
                 bench.save(out / "sweep.json", {"options": bench.opts_dict(opts), "machine": machine,
                                                 "rates": rates, "o7s_note": stack.o7s_note, "runs": runs})
     finally:

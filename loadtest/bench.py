@@ -35,7 +35,7 @@ class Options:
     tier: str = "enterprise"
     rows: int = 10000
     mix: dict = field(default_factory=lambda: {"read": 80, "update": 15, "txn": 5})
-    workers: int = 0                # o7s serve --workers, when it has that option (0: its default)
+    workers: list = field(default_factory=lambda: [2])  # o7s serve --workers; several: one O7s target each
     targets: list = field(default_factory=lambda: ["direct", "pgbouncer", "o7s"])
     prepare_threshold: int | None = None
     locust_stats: bool = True
@@ -45,23 +45,49 @@ class Options:
     keep: bool = False
 
     def spawn(self) -> float:
-        return self.spawn_rate or float(min(self.users, 200))
+        return self.spawn_rate or float(min(self.users, 100))
 
 
-def tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of a process and all its descendants, per pid."""
-    out: dict[int, tuple[str, float]] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return out
-    for p in procs:
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """pid -> (ppid, name, CPU seconds). CPU comes from /proc/PID/schedstat (nanoseconds on a CPU,
+    exact), not from utime/stime: this kernel does tick-based accounting with tickless idle, so a
+    process that runs in short bursts after waking from idle (a Postgres backend answering one
+    query) is mostly never charged a tick — 1,000 backends show almost no CPU that way."""
+    out: dict[int, tuple[int, str, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
         try:
-            t = p.cpu_times()
-            out[p.pid] = (p.name(), t.user + t.system)
-        except psutil.Error:
-            pass
+            with open(f"/proc/{d}/stat", "rb") as f:
+                st = f.read()
+            with open(f"/proc/{d}/schedstat", "rb") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        lp, rp = st.find(b"("), st.rfind(b")")
+        name = st[lp + 1:rp].decode(errors="replace")
+        ppid = int(st[rp + 2:].split()[1])
+        out[int(d)] = (ppid, name, ns / 1e9)
+    return out
+
+
+def cpu_snapshot(roots: dict[str, int]) -> dict[str, dict[int, tuple[str, float]]]:
+    """Per named root, CPU seconds of it and every descendant, per pid; plus the kernel's kdamond
+    threads under "kdamond"."""
+    info = _proc_table()
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in info.items():
+        kids.setdefault(ppid, []).append(pid)
+    out: dict[str, dict[int, tuple[str, float]]] = {}
+    for tag, root in roots.items():
+        tree, todo = {}, [root]
+        while todo:
+            pid = todo.pop()
+            if pid in info:
+                tree[pid] = (info[pid][1], info[pid][2])
+            todo.extend(kids.get(pid, ()))
+        out[tag] = tree
+    out["kdamond"] = {pid: (n, c) for pid, (_, n, c) in info.items() if n.startswith("kdamond")}
     return out
 
 
@@ -70,10 +96,10 @@ def cpu_delta(a: dict, b: dict) -> dict[int, tuple[str, float]]:
     return {pid: (name, sec - a.get(pid, (name, 0.0))[1]) for pid, (name, sec) in b.items()}
 
 
-def machine_cpu() -> tuple[float, float]:
+def machine_cpu() -> tuple[float, float, float]:
     t = psutil.cpu_times()
     busy = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
-    return busy, busy + t.idle + getattr(t, "iowait", 0.0)
+    return busy, busy + t.idle + getattr(t, "iowait", 0.0), t.softirq
 
 
 @dataclass
@@ -87,12 +113,14 @@ class Stack:
     o7s: infra.O7s | None = None
     orgs: list = field(default_factory=list)
     o7s_note: str = ""
+    o7s_env: dict = field(default_factory=dict)
+    o7s_help: str = ""
 
     def start(self, log=print) -> "Stack":
         o = self.opts
         infra.raise_fd_limit()
         self.orgs = infra.make_orgs(o.orgs, o.tier)
-        want_o7s = "o7s" in o.targets
+        want_o7s = any(t.startswith("o7s") for t in o.targets)
         sizes = {"free": 3, "starter": 5, "pro": 20, "enterprise": 50}
         pool_total = sizes.get(o.tier, 50) * o.orgs
         maxconn = o.users + pool_total * (2 if want_o7s else 1) + 50
@@ -102,10 +130,11 @@ class Stack:
         infra.load_dataset(self.pg, self.orgs, o.rows)
         if want_o7s:
             ok, help_text = infra.o7s_available()
+            self.o7s_help = help_text
             if not ok:
                 raise RuntimeError(f"o7s serve is not available in this checkout:\n{help_text[-2000:]}")
             log("provisioning orgs in the O7s control plane (o7s migrate, o7s org create)")
-            env = infra.provision_o7s(self.pg, self.orgs)
+            self.o7s_env = infra.provision_o7s(self.pg, self.orgs)
             sizes = infra.tier_pool_sizes(self.pg, "o7s_platform")
         for org in self.orgs:
             org.pool_size = sizes[org.tier]
@@ -113,30 +142,48 @@ class Stack:
             log(f"starting PgBouncer (transaction mode, pool_size {self.orgs[0].pool_size} per org)")
             self.bouncer = infra.PgBouncer(self.workdir / "pgbouncer", self.pg, self.orgs,
                                            max_client_conn=o.users + 100).start()
-        if want_o7s:
-            extra = []
-            workers = 0
-            if o.workers and "--workers" in help_text:
-                workers = o.workers
-            elif o.workers:
-                self.o7s_note = f"`o7s serve` has no --workers option yet: ran its default (asked for {o.workers})"
-            log("starting o7s serve")
-            self.o7s = infra.O7s(self.workdir / "o7s", env, workers=workers, extra_args=extra).start()
         return self
+
+    def target_names(self) -> list[str]:
+        """`o7s` becomes one target per worker count when several are asked for (o7s-w1, o7s-w2)."""
+        out = []
+        for t in self.opts.targets:
+            if t == "o7s" and len(self.opts.workers) > 1:
+                out += [f"o7s-w{w}" for w in self.opts.workers]
+            else:
+                out.append(t)
+        return out
+
+    def begin(self, target: str, log=print) -> None:
+        """O7s starts fresh for its run (so it holds no idle pools during the others)."""
+        if not target.startswith("o7s"):
+            return
+        w = int(target[5:]) if target.startswith("o7s-w") else (self.opts.workers[0] if self.opts.workers else 0)
+        if w and "--workers" not in self.o7s_help:
+            self.o7s_note = f"`o7s serve` has no --workers option in this checkout: ran its default (asked for {w})"
+            w = 0
+        log(f"starting o7s serve" + (f" --workers {w}" if w else ""))
+        self.o7s = infra.O7s(self.workdir / target, self.o7s_env, workers=w).start()
+        time.sleep(1.0)  # let every worker come up before the first connection
+
+    def end(self, target: str) -> None:
+        if target.startswith("o7s") and self.o7s is not None:
+            self.o7s.stop()
+            self.o7s = None
 
     def dsns(self, target: str) -> list[str]:
         if target == "direct":
             return [self.pg.url(g.name, g.password, g.dbname) for g in self.orgs]
         if target == "pgbouncer":
             return [self.bouncer.url(g) for g in self.orgs]
-        if target == "o7s":
+        if target.startswith("o7s"):
             return [self.o7s.url(g) for g in self.orgs]
         raise ValueError(target)
 
     def proxy_pid(self, target: str) -> int | None:
         if target == "pgbouncer":
             return self.bouncer.proc.pid
-        if target == "o7s":
+        if target.startswith("o7s"):
             return self.o7s.proc.pid
         return None
 
@@ -186,11 +233,12 @@ def run_target(stack: Stack, target: str, opts: Options, run_dir: Path, log=prin
     def snapshot(tag: str, at: float) -> None:
         while time.time() < at and proc.poll() is None:
             time.sleep(min(0.05, max(0.0, at - time.time())))
-        s = {"t": time.time(), "locust": tree_cpu(proc.pid), "machine": machine_cpu(),
-             "postgres": tree_cpu(stack.pg.proc.pid)}
+        roots = {"locust": proc.pid, "postgres": stack.pg.proc.pid}
         pp = stack.proxy_pid(target)
         if pp:
-            s["proxy"] = tree_cpu(pp)
+            roots["proxy"] = pp
+        s = {"t": time.time(), "machine": machine_cpu(), **cpu_snapshot(roots)}
+        s["kdamond"] = sum(c for _, c in s["kdamond"].values())
         snaps[tag] = s
 
     th = threading.Thread(target=lambda: (snapshot("start", w_start), snapshot("end", w_end)), daemon=True)
@@ -240,7 +288,7 @@ def collect(target: str, opts: Options, run_dir: Path, snaps: dict, rc: int, win
     ok_statements = sum(STATEMENTS_PER_OP[op] * h.n for op, h in hists.items())
     n_err = sum(v for k, v in errors.items())
     res = {
-        "target": target, "users": opts.users, "offered_rps": opts.rate, "window_s": window,
+        "target": target, "o7s_workers": opts.workers if target == "o7s" else None, "users": opts.users, "offered_rps": opts.rate, "window_s": window,
         "locust_rc": rc, "locust_processes": opts.locust_processes, "hist_files": len(files),
         "connected": connected, "connected_at_window": connected_at_window,
         "connect_failures": connect_failures, "green_check": green[:1],
@@ -259,6 +307,8 @@ def collect(target: str, opts: Options, run_dir: Path, snaps: dict, rc: int, win
         pg = cpu_delta(a["postgres"], b["postgres"])
         res["postgres_cpu_s"] = sum(v for _, v in pg.values())
         mb, mt = b["machine"][0] - a["machine"][0], b["machine"][1] - a["machine"][1]
+        res["softirq_cpu_s"] = b["machine"][2] - a["machine"][2]
+        res["kdamond_cpu_s"] = b["kdamond"] - a["kdamond"]
         res["machine_busy_frac"] = mb / mt if mt else 0.0
         res["machine_busy_s"] = mb
         if "proxy" in a:
@@ -267,7 +317,9 @@ def collect(target: str, opts: Options, run_dir: Path, snaps: dict, rc: int, win
             res["proxy_cpu_per_process"] = sorted(((n, round(v, 3)) for n, v in px.values() if v > 0.001),
                                                   key=lambda x: -x[1])
         # CPU that no process of this benchmark used: other work on a shared machine.
-        res["other_cpu_s"] = max(0.0, mb - res["locust_cpu_s"] - res["postgres_cpu_s"] - res.get("proxy_cpu_s", 0.0))
+        # (softirq: the kernel's loopback TCP work, charged to no process)
+        res["other_cpu_s"] = max(0.0, mb - res["locust_cpu_s"] - res["postgres_cpu_s"] - res.get("proxy_cpu_s", 0.0)
+                                 - res["softirq_cpu_s"] - res["kdamond_cpu_s"])
         k = ok_statements / 1000 if ok_statements else 0
         for key in ("proxy_cpu_s", "postgres_cpu_s", "locust_cpu_s"):
             if key in res and k:

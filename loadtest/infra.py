@@ -238,7 +238,14 @@ class PgBouncer:
         if not os.path.exists(exe):
             raise RuntimeError("pgbouncer not installed; run scripts/install")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        users = "".join(f'"{o.name}" "{o.password}"\n' for o in self.orgs)
+        # The roles' SCRAM verifiers, as an auth_file taken from pg_authid is in production: PgBouncer
+        # checks the client's proof with them and reuses the client's key for the server login, so
+        # it never runs PBKDF2 itself (with plain passwords it would, once per client connection).
+        with psycopg.connect(self.pg.admin_dsn()) as conn:
+            secrets_ = dict(conn.execute(
+                "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+                ([o.name for o in self.orgs],)).fetchall())
+        users = "".join(f'"{o.name}" "{secrets_[o.name]}"\n' for o in self.orgs)
         (self.workdir / "userlist.txt").write_text(users)
         dbs = "".join(
             f"{o.dbname} = host={self.pg.host} port={self.pg.port} dbname={o.dbname} "
@@ -249,6 +256,7 @@ class PgBouncer:
 [pgbouncer]
 listen_addr = {self.host}
 listen_port = {self.port}
+listen_backlog = 4096
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {self.workdir}/userlist.txt

@@ -87,8 +87,8 @@ def _table(results: list[dict]) -> list[str]:
     lines = [
         "| target | P50 ms | P95 ms | P99 ms | max ms | offered req/s | achieved req/s | achieved queries/s "
         "| errors | proxy CPU s / 1k queries | Postgres CPU s / 1k queries | Locust CPU s / 1k queries "
-        "| Locust CPU (cores) | machine busy | other processes (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Locust CPU (cores) | machine busy | kernel softirq (cores) | kdamond (cores) | everything else (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         L = r["latency"]
@@ -99,6 +99,7 @@ def _table(results: list[dict]) -> list[str]:
             f"| {_f(r.get('proxy_cpu_s_per_1k_q'), 3) if 'proxy_cpu_s' in r else 'n/a (no proxy)'} "
             f"| {_f(r.get('postgres_cpu_s_per_1k_q'), 3)} | {_f(r.get('locust_cpu_s_per_1k_q'), 3)} "
             f"| {_f(r.get('locust_cpu_s', 0) / w if w else None)} | {_f(100 * r.get('machine_busy_frac', 0), 0)} % "
+            f"| {_f(r.get('softirq_cpu_s', 0) / w if w else None)} | {_f(r.get('kdamond_cpu_s', 0) / w if w else None)} "
             f"| {_f(r.get('other_cpu_s', 0) / w if w else None)} |"
         )
     return lines
@@ -191,7 +192,7 @@ def write_report(out: Path, notes_md: str = "") -> Path:
             "| target | highest rate with P95 < 15 ms and no errors (req/s) | achieved queries/s there | P95 there (ms) |",
             "|---|---:|---:|---:|",
         ]
-        for t in o["targets"]:
+        for t in dict.fromkeys(r["target"] for r in sweep["runs"]):
             ok = [r for r in sweep["runs"] if r["target"] == t and passes(r)]
             best = max(ok, key=lambda r: r["offered_rps"]) if ok else None
             md.append(f"| {t} | {best['offered_rps']:g} | {best['achieved_qps']:.0f} | {_f(best['latency']['p95_ms'])} |"
