@@ -7,6 +7,56 @@ from pathlib import Path
 
 from loadtest.hdr import Histogram
 
+HARNESS_NOTES = """## How the harness measures, and why Locust looked slow at 1,000 users
+
+DESIGN.md measured Locust 2.47 with 1,000 psycopg users at ~107 requests/s at P50 17–28 ms, P95
+45–150 ms, where a plain gevent client gets P50 1.3 ms, P95 5.4 ms. What was found (2026-11-22, this
+machine), and what the harness does about it:
+
+1. **Synchronised bursts, not CPU, were the main cause.** Locust starts users in batches (`-r` per
+   second, a batch at the same instant) and `constant_throughput` keeps each user's phase from its
+   creation, so every batch fires its queries at the same instant, every period, for the whole run.
+   strace of the Locust process showed ~1 s of idle, then ~100 queries sent back to back; the last
+   waits behind the other 99. Reproduced with this locustfile, 1,000 users, 100 requests/s, direct:
+   P50 28.9 ms, P95 68.6 ms as Locust does it; **P50 1.22 ms, P95 5.9 ms** once each user sleeps a
+   random fraction of its period after connecting and restarts `constant_throughput`'s clock
+   (`PgUser.on_start`; `--no-phase-jitter` brings the artefact back). The Locust process was ~80 %
+   idle throughout: it was never CPU-bound at that rate.
+2. **The connect ramp is left out.** libpq computes SCRAM's PBKDF2 (4,096 rounds) inside the
+   connect call, which holds the whole gevent loop for milliseconds per connection; during a
+   1,000-user ramp every in-flight query pays for that. Only requests that start inside the window
+   (after the ramp, one full period so every user has started, and a warm-up) are counted.
+3. **Client CPU per query: gevent's `select.poll` emulation.** Under gevent psycopg (rightly) drops
+   its blocking C wait for `wait_poll`, which runs on gevent's poll emulation: a poll object, a
+   result object with an Event, an io watcher and a Timeout per wait. Client CPU per point read
+   (100 connections x 200 queries, three alternating runs): 83–106 µs user with `wait_poll`,
+   55–64 µs with `loadtest/gwait.py` (one io watcher and a bare Waiter per wait), ~44 µs for psycopg's
+   C wait without gevent. The harness installs `gwait` (`--gevent-poll-wait` turns it off) and the
+   start-up check verifies that psycopg waits cooperatively (a 0.3 s `pg_sleep` on one greenlet
+   while a ticker greenlet keeps running) and that the C wait function is not in use.
+4. **Locust's own statistics are cheap.** py-spy on a Locust process at 500 requests/s: event
+   firing plus `RequestStats.log_request` ≈ 2 % of its samples; ~65 % is psycopg sending and
+   waiting. `--no-locust-stats` takes Locust's bookkeeping off the request event anyway (our
+   histogram replaces it: log-linear buckets, ≤ 1.6 % error, microseconds, merged over processes).
+   The cyclic GC is frozen once all users are spawned (`gc.freeze()`).
+5. **Locust CPU is reported per run** (column *Locust CPU*); with the fixes above it stays around
+   0.1–0.3 cores for 2 processes up to ~1,000 requests/s, so it is not the bottleneck it measures.
+6. **CPU accounting on this VM.** The kernel does tick-based CPU accounting with tickless idle: a
+   process that wakes from idle, answers one query and sleeps again is rarely charged a tick, so
+   `utime`/`stime` showed 1,000 Postgres backends using almost nothing (3 µs per query where
+   48 µs is true). CPU figures here come from `/proc/PID/schedstat` (exact nanoseconds). The kernel
+   thread `kdamond` (the VM's memory reclaim) can take up to a whole core while 1,000 backends are
+   up; it and the other work on this shared machine (other engineers' test runs) are shown in their
+   own columns, never charged to a target. *Machine busy* comes from `/proc/stat` (tick-sampled,
+   approximate).
+7. **PgBouncer set-up.** With plain passwords in `auth_file` PgBouncer runs PBKDF2 for each client
+   on its one thread, and with its default `listen_backlog` (128) a 1,000-user ramp gave connect
+   timeouts. The harness gives it the roles' SCRAM verifiers (as an `auth_file` taken from
+   `pg_authid` in production) and `listen_backlog = 4096`. PgBouncer 1.18 (Debian 12) cannot relay
+   named prepared statements in transaction mode, so every target runs with psycopg's
+   `prepare_threshold=None` (same scenario for all).
+"""
+
 TARGET_P95_MS = 15.0
 COLORS = {"direct": "#444444", "pgbouncer": "#1f77b4", "o7s": "#d62728"}
 
@@ -208,6 +258,7 @@ def write_report(out: Path, notes_md: str = "") -> Path:
         md += [notes_md, ""]
     elif notes.exists():
         md += [notes.read_text(), ""]
+    md += [HARNESS_NOTES]
     path = out / "REPORT.md"
     path.write_text("\n".join(md))
     return path
