@@ -208,6 +208,11 @@ class _LocalBucket:
         return max(0.0, (need - self.level) / self.rate)
 
 
+class _Flag(threading.Event):
+    def on_connect(self, _connection: object) -> None:
+        self.set()
+
+
 class _Waiter:
     __slots__ = ("event", "granted", "gone")
 
@@ -434,6 +439,7 @@ class Limits:
         self._refresh: set[str | None] = set()
         self._refresh_event = trio.Event()
         self.started = False
+        self.subscribed = False  # listening for tier changes
 
     # -- the interface the session calls
 
@@ -858,17 +864,25 @@ class Limits:
                 conn = redis_client(self._url, timeout=max(2.0, self._timeout))
                 ps = conn.pubsub(ignore_subscribe_messages=True)
                 ps.subscribe(TIER_CHANNEL)
+                # redis-py may reconnect and resubscribe by itself inside get_message: hear of it
+                reconnected = _Flag()
+                ps.connection.register_connect_callback(reconnected.on_connect)  # held weakly: keep `reconnected`
+                self.subscribed = True
                 if not first:  # messages may have been missed while disconnected
                     trio.from_thread.run_sync(self._invalidate, None, trio_token=token)
                 first = False
                 while not stop.is_set():
                     msg = ps.get_message(timeout=0.25)
+                    if reconnected.is_set():
+                        reconnected.clear()
+                        trio.from_thread.run_sync(self._invalidate, None, trio_token=token)
                     if msg is not None and msg.get("type") == "message":
                         trio.from_thread.run_sync(self._on_message, msg["data"], trio_token=token)
             except trio.RunFinishedError:
                 return
             except REDIS_ERRORS:
-                stop.wait(0.5)
+                self.subscribed = False
+                stop.wait(0.2)
             finally:
                 for c in (ps, conn):
                     if c is not None:
