@@ -240,7 +240,10 @@ class Bucket:
         self._asked = False  # a top-up was requested since the stock last fell to its low mark
         self._seen = 0  # `admitted` as the sync loop last saw it (demand detection without a clock read)
         now = trio.current_time()
-        self._last_demand = now
+        # No demand until the first query: a bucket draws no tokens just because a client connected
+        # (that would hand an org B + c at once after any pause: the seed's 20 free queries must take 1.9 s).
+        self._last_demand = -math.inf
+        self._created = now
         self._next_poll = 0.0
         self._last_poll = -math.inf
         self._synced_at: float | None = None  # last successful take from Redis
@@ -630,7 +633,7 @@ class Limits:
                     elif b._share is not None and self._url is None:
                         b._share.put(give, now)
                     b._holding = False
-                if now - b._last_demand > self.evict_after and not b._queued:
+                if now - max(b._last_demand, b._created) > self.evict_after and not b._queued:
                     del self._buckets[org_id]
                 continue
             want = b.cap - b.stock

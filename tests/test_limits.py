@@ -581,3 +581,18 @@ async def test_idle_worker_gives_tokens_back_and_stops_holding(redis_server) -> 
     # shutdown leaves no trace of the workers' connection counts or registry entries
     await trio.sleep(0.1)
     assert r.zcard("o7s:workers") == 0
+
+
+async def test_a_bucket_draws_nothing_before_its_first_query(redis_server) -> None:
+    w = Limits(settings(redis_server.url), worker_key="w0")
+    r = redis.Redis.from_url(redis_server.url)
+    async with trio.open_nursery() as n:
+        await n.start(w.run)
+        b = w.bucket(ORG, "acme", FREE)  # a client connected...
+        await trio.sleep(0.5)  # ...and sits idle
+        assert b.stock == 0 and r.exists(f"o7s:rl:{{{ORG}}}") == 0
+        t0 = trio.current_time()
+        for _ in range(3):
+            await b.admit(False)
+        assert trio.current_time() - t0 >= 0.19  # 1 (B) at once, then one per 100 ms
+        n.cancel_scope.cancel()
