@@ -69,6 +69,21 @@ def estimate(query_seconds: float, heavy_seconds: float, tier: str | None) -> tu
     return weighted * vcpu / 3600.0, weighted * gb / 3600.0
 
 
+_ROW_TAGS = (b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"FETCH", b"MOVE", b"COPY")
+
+
+def rows_from_tag(tag: bytes | bytearray | memoryview) -> int:
+    """Rows of a CommandComplete tag (without its NUL): "SELECT 5" -> 5, "INSERT 0 3" -> 3, "CREATE TABLE" -> 0."""
+    tag = bytes(tag)
+    sp = tag.rfind(b" ")
+    if sp <= 0:
+        return 0
+    last = tag[sp + 1:]
+    if not last.isdigit() or not tag.startswith(_ROW_TAGS):
+        return 0
+    return int(last)
+
+
 # ------------------------------------------------------------------------------------------- counters
 
 

@@ -83,6 +83,17 @@ def test_counters_hot_path():
     assert not hasattr(c, "__dict__")  # __slots__: no per-object dict on the hot path
 
 
+def test_rows_from_command_tags():
+    from o7s_cluster.usage import rows_from_tag
+
+    cases = {b"SELECT 5": 5, b"INSERT 0 3": 3, b"UPDATE 12": 12, b"DELETE 0": 0, b"MERGE 2": 2, b"FETCH 100": 100,
+             b"MOVE 4": 4, b"COPY 7": 7, b"CREATE TABLE": 0, b"BEGIN": 0, b"SET": 0, b"": 0, b"SELECT x": 0,
+             b"CREATE TABLE AS 9": 0}
+    for tag, n in cases.items():
+        assert rows_from_tag(tag) == n, tag
+    assert rows_from_tag(bytearray(b"SELECT 42")) == rows_from_tag(memoryview(b"SELECT 42")) == 42
+
+
 def test_estimates_follow_the_seeds():
     # seed 001 section 6.3 PRO: 6,000 queries x 100 ms x 0.2 vCPU = 120 vCPU-seconds; x 50 MB = 30 GB-seconds
     vcpu_h, mem_h = estimate(600.0, 0.0, "pro")
