@@ -9,7 +9,7 @@ batches and acknowledges them in the spool only when every sink has them; a sink
 with backoff while the spool holds the data. Record ids are fixed when a record is made, so a batch sent
 twice (a retry, a replay after a crash) is a no-op in every sink.
 
-Spool layout (`spool_dir/<worker>/`):
+Spool layout (`spool_dir/<sinks>/<worker>/`; <sinks> is a hash of the sinks' identities, listed in its SINKS file):
   lock                    flock held by the live recorder of this directory (released when it dies)
   seg-<n>.spool           append-only frames: <u32 length><u32 crc32><msgpack list[UsageRecord]>
   seg-<n>.ack             text: the byte offset up to which the segment has been shipped (atomic rename)
@@ -28,6 +28,7 @@ import os
 import random
 import secrets
 import struct
+import tempfile
 import time
 import uuid
 import zlib
@@ -413,6 +414,19 @@ class _SinkState:
     last_error: str | None = None
 
 
+def _sink_key(sink: Any) -> str:
+    return str(getattr(sink, "key", None) or getattr(sink, "name", type(sink).__name__))
+
+
+def sink_keys(sinks: Sequence[Any]) -> list[str]:
+    """What identifies each sink (no secrets): e.g. postgres:host=... port=... dbname=... user=..."""
+    return sorted(_sink_key(s) for s in sinks)
+
+
+def sink_namespace(sinks: Sequence[Any]) -> str:
+    return hashlib.sha1("\n".join(sink_keys(sinks)).encode()).hexdigest()[:12] if sinks else "no-sink"
+
+
 # ------------------------------------------------------------------------------------------- recorder
 
 
@@ -426,13 +440,17 @@ class UsageRecorder:
         self.settings = settings
         self.worker = worker
         self.window = float(getattr(settings, "usage_window", 10.0))
-        self.spool_root = Path(getattr(settings, "spool_dir", ".o7s/spool"))
+        self._sinks = [_SinkState(s) for s in (make_sinks(settings) if sinks is None else sinks)]
+        # One directory per set of sinks: a spool left by a worker is only ever shipped (adopted) to the
+        # sinks it was meant for, never to another control plane that shares the machine's spool_dir.
+        self.sink_namespace = sink_namespace([st.sink for st in self._sinks])
+        self.spool_base = Path(getattr(settings, "spool_dir", ".o7s/spool"))
+        self.spool_root = self.spool_base / self.sink_namespace
         self.spool_max_bytes = spool_max_bytes or int(getattr(settings, "usage_spool_max_bytes", 256 << 20))
         self.batch_records = batch_records
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.memory_max_records = memory_max_records
-        self._sinks = [_SinkState(s) for s in (make_sinks(settings) if sinks is None else sinks)]
         self._counters: dict[tuple[str | None, str], UsageCounters] = {}
         self._by_name: dict[str, UsageCounters] = {}
         self._auth: dict[str, int] = {}
@@ -535,6 +553,20 @@ class UsageRecorder:
     # ---------------------------------------------------------------------------- spool writing
     async def _open_spool(self) -> None:
         def open_() -> SpoolDir:
+            try:
+                return lock_dir()
+            except OSError as e:  # e.g. a spool_dir this user cannot write: usage must not stop the worker
+                fallback = Path(tempfile.gettempdir()) / f"o7s-spool-{os.getuid()}" / self.sink_namespace
+                log.error("usage spool: cannot use %s (%s); using %s", self.spool_root, e.strerror or e, fallback,
+                          extra={"worker": self.worker})
+                self.spool_root = fallback
+                return lock_dir()
+
+        def lock_dir() -> SpoolDir:
+            self.spool_root.mkdir(parents=True, exist_ok=True)
+            about = self.spool_root / "SINKS"
+            if not about.exists():
+                about.write_text("".join(f"{k}\n" for k in sink_keys([st.sink for st in self._sinks])))
             own = SpoolDir(self.spool_root / self.worker)
             if not own.try_lock():  # another live process uses this worker id: never share a directory
                 own = SpoolDir(self.spool_root / f"{self.worker}.{os.getpid()}.{self._boot[:6]}")

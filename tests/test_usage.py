@@ -57,7 +57,8 @@ def settings(tmp_path: Path, **kw) -> Settings:
 
 def recorder(tmp_path: Path, sinks=None, **kw) -> UsageRecorder:
     s = settings(tmp_path, **{k: kw.pop(k) for k in list(kw) if k == "usage_window"})
-    return UsageRecorder(s, worker=kw.pop("worker", "m0-w1"), sinks=[] if sinks is None else sinks, **kw)
+    # the spool directory depends on the sinks: every recorder of a test uses a "memory" sink
+    return UsageRecorder(s, worker=kw.pop("worker", "m0-w1"), sinks=[MemorySink()] if sinks is None else sinks, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- counters
@@ -179,7 +180,7 @@ async def test_flush_spools_and_next_recorder_replays(tmp_path):
         c.query_done(0.001, 1, True)
     await rec.flush()
     assert rec.pending == 1 and rec.spool_bytes > 0
-    spool = tmp_path / "spool" / "m0-w1"
+    spool = rec.spool_root / "m0-w1"
     assert len(list(spool.glob("seg-*.spool"))) == 1
     rec.close()  # the process goes away without shipping
 
@@ -201,7 +202,6 @@ async def test_partial_ack_survives_restart(tmp_path):
         rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
         await rec.flush()
     sink = MemorySink()
-    rec._sinks = [type(rec._sinks[0])(sink)] if rec._sinks else []
     from o7s_cluster.usage import _SinkState
 
     rec._sinks = [_SinkState(sink)]
@@ -220,7 +220,7 @@ async def test_torn_segment_tail_is_ignored(tmp_path, caplog):
     rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
     await rec.flush()
     rec.close()
-    seg = next((tmp_path / "spool" / "m0-w1").glob("seg-*.spool"))
+    seg = next((rec.spool_root / "m0-w1").glob("seg-*.spool"))
     with open(seg, "ab") as f:
         f.write(b"\x40\x00\x00\x00garbage")  # a crash in the middle of the next append
     sink = MemorySink()
@@ -237,9 +237,12 @@ _CRASHER = textwrap.dedent("""
     from o7s_cluster.config import Settings
     from o7s_cluster.usage import UsageRecorder
 
+    class Unused:
+        name = "memory"  # the sink the test's next recorder has: same spool directory
+
     async def main():
         rec = UsageRecorder(Settings(spool_dir=sys.argv[1], usage_sink_postgres=False, usage_window=60),
-                            worker="m0-w7", sinks=[])
+                            worker="m0-w7", sinks=[Unused()])
         c = rec.counters("o1", "acme", "postgres")
         for n in (3, 4):
             for _ in range(n):
@@ -500,3 +503,51 @@ def test_window_close_snapshot_then_build(tmp_path):
     assert len(snap[3]) == 10_000 and all(c.queries == 0 for c in rec._counters.values())
     records = rec._build(snap)
     assert len(records) == len({r.id for r in records}) == 10_000
+
+
+async def test_spools_of_other_sinks_are_never_adopted(tmp_path):
+    """Two control planes sharing a machine's spool_dir: a dead worker's records only go to its own sinks."""
+
+    class OtherSink(MemorySink):
+        key = "postgres:host=elsewhere port=5432 dbname=platform user=o7s"
+
+    dead = recorder(tmp_path, sinks=[OtherSink()], worker="m0-w9")
+    dead.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+    await dead.flush()
+    dead.close()
+    live_sink = MemorySink()
+    live = recorder(tmp_path, sinks=[live_sink], worker="m0-w1")
+    assert await live.ship_now() == 0 and not live_sink.by_id
+    assert live.spool_root != dead.spool_root and live.spool_root.parent == dead.spool_root.parent
+    assert (dead.spool_root / "SINKS").read_text() == OtherSink.key + "\n"
+    live.close()
+    same = recorder(tmp_path, sinks=[other := OtherSink()], worker="m0-w1")
+    assert await same.ship_now() == 1 and len(other.by_id) == 1
+    same.close()
+
+
+def test_sink_keys_carry_no_secret():
+    from o7s_cluster.sinks.mongo import MongoSink
+    from o7s_cluster.sinks.postgres import PostgresSink
+
+    pg = PostgresSink("postgresql://o7s:s3cret@db.internal:5433/platform")
+    assert pg.key == "postgres:host=db.internal port=5433 dbname=platform user=o7s"
+    mg = MongoSink("mongodb://app:s3cret@m1:27017,m2:27017/usage?replicaSet=rs0")
+    assert mg.key == "mongodb:m1:27017,m2:27017/usage" and "s3cret" not in mg.key
+
+
+async def test_unwritable_spool_dir_falls_back_loudly(tmp_path, caplog):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):
+        pytest.skip("running as root: every directory is writable")
+    sink = MemorySink()
+    rec = UsageRecorder(Settings(spool_dir=str(ro / "spool"), usage_sink_postgres=False), worker="m0-w1",
+                        sinks=[sink])
+    with caplog.at_level(logging.ERROR, logger="o7s.usage"):
+        rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+        await rec.flush()
+    assert "cannot use" in caplog.text and not str(rec.spool_root).startswith(str(ro))
+    assert await rec.ship_now() >= 1 and sink.total("queries", "acme") >= 1
+    rec.close()

@@ -39,6 +39,15 @@ def to_document(r: UsageRecord) -> dict[str, Any]:
     }
 
 
+def mongo_key(url: str, database: str | None = None) -> str:
+    """The sink's identity without secrets: hosts and database."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    hosts = u.netloc.rpartition("@")[2]
+    return f"mongodb:{hosts}/{database or u.path.lstrip('/') or 'o7s'}"
+
+
 class MongoSink:
     name = "mongodb"
 
@@ -46,6 +55,7 @@ class MongoSink:
                  client_kwargs: dict[str, Any] | None = None) -> None:
         self.url = url
         self.database = database
+        self.key = mongo_key(url, database)
         self.timeout_ms = timeout_ms
         self.client_kwargs = client_kwargs or {}
         self._client: Any = None

@@ -49,11 +49,23 @@ def _params(r: UsageRecord) -> dict[str, Any]:
     }
 
 
+def postgres_key(dsn: str) -> str:
+    """The sink's identity without secrets: where the rows go (host, port, database, user)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        d = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - a malformed DSN fails at connect time with its own error
+        return "postgres:?"
+    return "postgres:" + " ".join(f"{k}={d.get(k, '')}" for k in ("host", "port", "dbname", "user"))
+
+
 class PostgresSink:
     name = "postgres"
 
     def __init__(self, dsn: str, *, connect_timeout: int = 5) -> None:
         self.dsn = dsn
+        self.key = postgres_key(dsn)
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection | None = None
         self._lock = threading.Lock()
