@@ -22,7 +22,10 @@ INSERT INTO platform.usage_metrics (
   id, org_id, org_name, database_type, worker, tier, period_start, period_end,
   query_count, error_count, throttled_count, refused_count, bytes_in, bytes_out, row_count,
   query_seconds, backend_seconds, peak_connections, auth_failures, vcpu_hours, memory_gb_hours, storage_gb)
-SELECT v.id, o.id, v.org_name, v.database_type, v.worker, v.tier, v.period_start, v.period_end,
+SELECT v.id,
+  coalesce((SELECT o.id FROM platform.organizations o WHERE o.id = v.org_id),
+           (SELECT o.id FROM platform.organizations o WHERE v.org_id IS NULL AND o.name = v.org_name)),
+  v.org_name, v.database_type, v.worker, v.tier, v.period_start, v.period_end,
   v.q, v.e, v.t, v.r, v.bi, v.bo, v.rw, v.qs, v.bs, v.pc, v.af, v.vh, v.mh, 0
 FROM (SELECT %(id)s::uuid AS id, %(org_id)s::uuid AS org_id, %(org_name)s::text AS org_name,
              %(database_type)s::text AS database_type, %(worker)s::text AS worker, %(tier)s::text AS tier,
@@ -32,8 +35,6 @@ FROM (SELECT %(id)s::uuid AS id, %(org_id)s::uuid AS org_id, %(org_name)s::text 
              %(rows)s::bigint AS rw, %(query_seconds)s::float8 AS qs, %(backend_seconds)s::float8 AS bs,
              %(peak_connections)s::int AS pc, %(auth_failures)s::bigint AS af,
              %(vcpu_hours)s::float8::numeric AS vh, %(memory_gb_hours)s::float8::numeric AS mh) v
-LEFT JOIN platform.organizations o
-  ON (v.org_id IS NOT NULL AND o.id = v.org_id) OR (v.org_id IS NULL AND o.name = v.org_name)
 ON CONFLICT (id) DO NOTHING
 """
 
