@@ -472,6 +472,7 @@ class UsageRecorder:
         self.spool_disk_bytes = 0  # bytes of spool files on disk (shipped or not): what the cap limits
         self._pending_spooled = 0
         self._oldest_unshipped: float | None = None  # wall clock end of the oldest window not yet shipped
+        self._running = False
         self.metrics = metrics  # optional WorkerMetrics: usage_spool_bytes, usage_shipping_lag_seconds
 
     # ---------------------------------------------------------------------------- hot path API
@@ -661,11 +662,17 @@ class UsageRecorder:
             self._oldest_unshipped = min(r.period_end for r in batch).timestamp()
         self._refresh_metrics()
 
-    async def flush(self) -> None:
-        """Close the current window now and write it to the spool (SIGTERM drain). Does not ship."""
+    async def flush(self, ship_timeout: float = 2.0) -> None:
+        """Close the current window now and write it to the spool (SIGTERM drain). When run() is going, give
+        the shipper up to `ship_timeout` seconds to send what is pending, so a clean exit leaves an empty
+        spool when the sinks are up (what it could not send is replayed at the next start)."""
         if self._spool is None:
             await self._open_spool()
         await self._close_and_write()
+        if self._running and ship_timeout > 0:
+            with trio.move_on_after(ship_timeout):
+                while self.pending:
+                    await trio.sleep(0.02)
 
     # ---------------------------------------------------------------------------- shipping
     async def _ship_once(self, spool: SpoolDir, *, own: bool) -> bool:
@@ -787,11 +794,13 @@ class UsageRecorder:
             log.warning("usage: no sink configured (usage_sink_postgres off, no mongodb_url): records are spooled"
                         " and discarded", extra={"worker": self.worker})
         try:
+            self._running = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._shipper)
                 nursery.start_soon(self._closer)
                 task_status.started()
         finally:
+            self._running = False
             # a sink call abandoned on a hung server may hold its connection: do not wait long for it
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
                 for st in self._sinks:

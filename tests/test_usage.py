@@ -551,3 +551,24 @@ async def test_unwritable_spool_dir_falls_back_loudly(tmp_path, caplog):
     assert "cannot use" in caplog.text and not str(rec.spool_root).startswith(str(ro))
     assert await rec.ship_now() >= 1 and sink.total("queries", "acme") >= 1
     rec.close()
+
+
+async def test_flush_while_running_ships_before_returning(tmp_path):
+    sink = MemorySink()
+    rec = recorder(tmp_path, sinks=[sink], usage_window=60)
+    async with trio.open_nursery() as n:
+        await n.start(rec.run)
+        rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+        await rec.flush()
+        assert sink.total("queries") == 1 and rec.pending == 0
+        sink.down = True
+        rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+        with trio.fail_after(5):
+            await rec.flush(ship_timeout=0.3)  # a sink that is down does not hold up the exit for long
+        assert rec.pending == 1
+        n.cancel_scope.cancel()
+    rec.close()
+    sink.down = False
+    again = recorder(tmp_path, sinks=[sink])
+    assert await again.ship_now() == 1 and sink.total("queries") == 2
+    again.close()
