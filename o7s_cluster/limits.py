@@ -35,7 +35,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -293,8 +292,7 @@ class Bucket:
 
     async def _wait(self, in_transaction: bool) -> None:
         owner = self._owner
-        if owner._buckets.get(self.org_id) is not self:  # evicted while idle: serve again
-            owner._buckets[self.org_id] = self
+        owner._buckets.setdefault(self.org_id, self)  # evicted (no connection was open): serve again
         if not in_transaction:
             # The org as a whole can get at most B + L*wait more tokens: refuse at once when even that
             # could not reach this query in time, rather than hold the client for nothing.
@@ -399,12 +397,6 @@ class _Gate:
 
 
 # ------------------------------------------------------------------------------------------- Limits
-
-
-@dataclass
-class _TierRef:
-    tier: str
-    max_connections: int
 
 
 class Limits:
@@ -633,7 +625,8 @@ class Limits:
                     elif b._share is not None and self._url is None:
                         b._share.put(give, now)
                     b._holding = False
-                if now - max(b._last_demand, b._created) > self.evict_after and not b._queued:
+                if (now - max(b._last_demand, b._created) > self.evict_after and not b._queued
+                        and self.connections(org_id) == 0):  # no session can hold it any more
                     del self._buckets[org_id]
                 continue
             want = b.cap - b.stock
