@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -159,7 +160,14 @@ def sweep(a) -> int:
     return 0
 
 
+def _on_term(signum, frame):
+    # SIGTERM (and SIGINT, which a background shell job ignores) unwind through the `finally`
+    # blocks, so Locust and the throwaway servers are stopped.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_term)
     ap = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="same Locust scenario against direct, PgBouncer and O7s; writes REPORT.md")

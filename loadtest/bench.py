@@ -29,7 +29,7 @@ class Options:
     rate: float = 1000.0            # offered requests/s, all users together
     duration: float = 60.0          # measured seconds per target
     warmup: float = 5.0             # after all users are connected and phased in
-    spawn_rate: float = 0.0         # users/s (0: min(users, 200))
+    spawn_rate: float = 0.0         # users/s (0: min(users, 100))
     locust_processes: int = 2       # Locust worker processes (1: a single local runner)
     orgs: int = 8
     tier: str = "enterprise"
@@ -247,13 +247,23 @@ def run_target(stack: Stack, target: str, opts: Options, run_dir: Path, log=prin
     # master has exited: remember them and wait for them too.
     workers: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + run_time + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            for c in psutil.Process(proc.pid).children(recursive=True):
-                workers.setdefault(c.pid, c)
-        except psutil.Error:
-            pass
-        time.sleep(0.5)
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                for c in psutil.Process(proc.pid).children(recursive=True):
+                    workers.setdefault(c.pid, c)
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+    except BaseException:
+        for p in [*workers.values()]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.kill()
+        proc.wait()
+        raise
     if proc.poll() is None:
         proc.kill()
     rc = proc.wait()

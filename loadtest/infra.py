@@ -380,7 +380,7 @@ def provision_o7s(pg: Postgres, orgs: list[OrgSpec], platform_db: str = "o7s_pla
     run_o7s(env, "migrate")
     for o in orgs:
         run_o7s(env, "org", "create", o.name, "--tier", o.tier,
-                "--backend", pg.url(o.name, o.password, o.dbname), "--password", o.password)
+                "--backend", pg.url(o.name, o.password, o.dbname), f"--password={o.password}")
     return env
 
 
