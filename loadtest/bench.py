@@ -221,7 +221,10 @@ def run_target(stack: Stack, target: str, opts: Options, run_dir: Path, log=prin
            "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5",
            "--csv", str(run_dir / "locust"), "--exit-code-on-error", "0"]
     if opts.locust_processes > 1:
-        cmd += ["--processes", str(opts.locust_processes)]
+        # a free port for the master, so a stray Locust on the default 5557 cannot break the run
+        mport = infra.free_port()
+        cmd += ["--processes", str(opts.locust_processes), "--master-bind-host", "127.0.0.1",
+                "--master-bind-port", str(mport), "--master-host", "127.0.0.1", "--master-port", str(mport)]
     env = dict(os.environ, LT_CONFIG=str(run_dir / "config.json"),
                LT_PROCESSES=str(max(1, opts.locust_processes)), PYTHONPATH=str(HERE.parent))
     log(f"[{target}] {opts.users} users, {opts.rate:g} req/s offered, window {opts.duration:g}s "
