@@ -186,6 +186,12 @@ def _run_server(server: Any, settings: Any, reload: Any) -> None:
         server.run(settings, reload)
     except OSError as e:  # typically the listen address: in use, not ours, not resolvable
         raise CommandError(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
+    except Exception as e:
+        from o7s_cluster.cluster import ClusterError
+
+        if isinstance(e, ClusterError):
+            raise CommandError(str(e)) from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- parser

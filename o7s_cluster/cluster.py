@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -28,6 +29,23 @@ from o7s_cluster.worker import supervisor_socket_path
 
 log = logging.getLogger("o7s.cluster")
 
+MAX_STARTUP_FAILURES = 5  # a worker that dies this many times in a row before serving: give up
+
+
+class ClusterError(Exception):
+    """The cluster cannot run (its workers keep dying at start-up)."""
+
+
+def probe_listen(settings: Settings) -> None:
+    """Fail now, in the supervisor, if the public address cannot be bound (in use, not ours...),
+    rather than in every worker forever. Bound with SO_REUSEPORT like the workers, never listened on."""
+    family, type_, proto, _, addr = socket.getaddrinfo(
+        settings.listen_host, settings.listen_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, type_, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+
 
 @dataclasses.dataclass
 class WorkerHandle:
@@ -39,6 +57,7 @@ class WorkerHandle:
     send_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
     waiting: dict[int, Any] = dataclasses.field(default_factory=dict)
     restarts: int = 0
+    startup_failures: int = 0  # deaths in a row before ever being up
 
 
 class Supervisor:
@@ -53,6 +72,7 @@ class Supervisor:
         self._request_id = 0
         self._last: dict[int, dict[str, Any]] = {}  # each worker's latest snapshot
         self._stopped = trio.Event()
+        self.failure: str | None = None
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -87,7 +107,8 @@ class Supervisor:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "o7s_cluster.worker", str(index), self.run_dir], env=env)
         old = self.handles.get(index)
-        handle = WorkerHandle(index, proc, time.time(), restarts=(old.restarts + 1) if old else 0)
+        handle = WorkerHandle(index, proc, time.time(), restarts=(old.restarts + 1) if old else 0,
+                              startup_failures=old.startup_failures if old else 0)
         self.handles[index] = handle
         assert self.nursery is not None
         self.nursery.start_soon(self._watch, handle)
@@ -96,6 +117,14 @@ class Supervisor:
     async def _watch(self, handle: WorkerHandle) -> None:
         code = await handle.proc.wait()
         retired = handle.state == "retiring"
+        if handle.state == "starting" and not self.stopping:
+            handle.startup_failures += 1
+            if handle.startup_failures >= MAX_STARTUP_FAILURES:
+                log.error("worker keeps dying at start-up; stopping", extra={"worker": handle.index, "code": code})
+                self.failure = f"worker {handle.index} died {handle.startup_failures} times at start-up (see the log)"
+                handle.state = "dead"
+                self.nursery.start_soon(self.drain)  # type: ignore[union-attr]
+                return
         handle.state = "dead"
         if self.handles.get(handle.index) is handle and (self.stopping or retired or handle.index >= self.target):
             del self.handles[handle.index]
@@ -177,6 +206,7 @@ class Supervisor:
                         handle.stream = stream
                         if handle.state == "starting":
                             handle.state = "up"
+                            handle.startup_failures = 0
                         await self._broadcast_members()
                     elif handle is not None and msg.get("id") in handle.waiting:
                         waiter = handle.waiting.pop(msg["id"])
@@ -290,4 +320,8 @@ class Supervisor:
 
 
 async def supervise(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    await Supervisor(settings, reload).run()
+    probe_listen(settings)
+    supervisor = Supervisor(settings, reload)
+    await supervisor.run()
+    if supervisor.failure:
+        raise ClusterError(supervisor.failure)

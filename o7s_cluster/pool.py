@@ -40,8 +40,9 @@ class Pool:
     """
 
     def __init__(self, db_name: str, target: BackendTarget, size: int, settings: PoolSettings,
-                 startup_params: dict[str, str] | None = None, org_name: str = "") -> None:
+                 startup_params: dict[str, str] | None = None, org_name: str = "", db_type: str = "postgres") -> None:
         self.org_name = org_name
+        self.db_type = db_type
         self.db_name = db_name
         self.target = target
         self.size = size

@@ -24,6 +24,8 @@ from o7s_cluster.session import ClientError, Session
 from o7s_cluster.vault import Vault
 
 if TYPE_CHECKING:
+    from o7s_cluster.limits import Limits
+    from o7s_cluster.usage import UsageRecorder
     from o7s_cluster.worker import Router
 
 log = logging.getLogger("o7s.server")
@@ -32,8 +34,10 @@ log = logging.getLogger("o7s.server")
 class Server:
     """State shared by the sessions of one worker."""
 
-    def __init__(self, settings: Settings, catalog: TrioCatalog, nursery: trio.Nursery, *,
-                 worker_index: int = 0, router: Router | None = None) -> None:
+    def __init__(self, settings: Settings, catalog: TrioCatalog, nursery: trio.Nursery, *, limits: Limits,
+                 usage: UsageRecorder, worker_index: int = 0, router: Router | None = None) -> None:
+        self.limits = limits
+        self.usage = usage
         self.settings = settings
         self.worker_index = worker_index
         self.router = router
@@ -146,11 +150,11 @@ class Server:
                               "O7s cannot reach its control plane; try again shortly") from None
         if found is None:
             raise ClientError(codes.INVALID_CATALOG_NAME, f"database \"{db_name}\" does not exist")
-        target, _db_type = found
+        target, db_type = found
         limits = login.limits
         tier_settings = {"statement_timeout": str(limits.statement_timeout_ms), "work_mem": limits.work_mem}
         return self.pools.add(key, Pool(db_name, target, limits.pool_size, self.pools.settings, tier_settings,
-                                        org_name=login.name))
+                                        org_name=login.name, db_type=db_type))
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from o7s_cluster.backend import BackendConn, BackendError, send_cancel
+from o7s_cluster.limits import Bucket, LimitError, Ticket
 from o7s_cluster.metrics import OrgMetrics
+from o7s_cluster.usage import UsageCounters
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ProtocolViolation
@@ -47,12 +49,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("o7s.session")
 _NOBODY = OrgMetrics("_unauthenticated", "none")
+_NOBODY_USAGE = UsageCounters(None, "_unauthenticated", "none")
 
 # Expected-response kinds.
-K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_CAPTURE, K_FAKE, K_FAKE_DEALLOCATE = range(10)
+K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_CAPTURE, K_FAKE, K_FAKE_READY = range(10)
 _BIND_ENTRY = (K_BIND, False, None)
 _DESCRIBE_ENTRY = (K_DESCRIBE, False, None)
-_EXECUTE_ENTRY = (K_EXECUTE, False, None)
 _CLOSE_ENTRY = (K_CLOSE, False, None)
 _PARSE_ENTRY = (K_PARSE, False, None)
 _CAPTURE_ENTRY = (K_CAPTURE, True, None)
@@ -185,7 +187,8 @@ class Session:
         "server", "settings", "client", "peer", "creader", "send_lock", "backend", "pool", "expect",
         "unsynced", "tx_status", "statements", "client_params", "skip_until_sync", "org", "login",
         "db_name", "user", "pid", "secret", "transaction_mode", "tls", "_pending", "settings_dirty",
-        "_captured", "tls_pending", "handed_off", "draining", "scope", "metrics",
+        "_captured", "tls_pending", "handed_off", "draining", "scope", "metrics", "usage", "bucket", "ticket",
+        "_q_rows", "_q_ok", "_attached_at", "skip_forward_sync", "lazy_sync",
     )
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str, *, preread: bytes = b"",
@@ -219,6 +222,14 @@ class Session:
         self.scope = trio.CancelScope()
         # Counters of whoever this turns out to be; the org's own from login on.
         self.metrics: OrgMetrics = _NOBODY
+        self.usage: UsageCounters = _NOBODY_USAGE
+        self.bucket: Bucket | None = None
+        self.ticket: Ticket | None = None
+        self._q_rows = 0  # rows of the simple query in progress (its CommandCompletes)
+        self._q_ok = True
+        self._attached_at = 0.0
+        self.skip_forward_sync = False  # after a refused Execute: the Sync still goes to the backend
+        self.lazy_sync = False  # a batch answered here (named Parse) awaits its Sync
         self.settings_dirty = False
         self._captured: dict[str, str] | None = None
 
@@ -306,6 +317,10 @@ class Session:
             await self._give_back(conn, self.pool)
         if self.login is not None:
             self.metrics.client_connections -= 1
+        if self.usage is not _NOBODY_USAGE:
+            self.usage.connection_closed()
+        if self.ticket is not None:
+            self.ticket.release()
         await trio.aclose_forcefully(self.client)
 
     def _clean(self, conn: BackendConn) -> bool:
@@ -441,9 +456,17 @@ class Session:
         if self.db_name not in login.databases:
             raise ClientError(codes.INVALID_CATALOG_NAME, f"database \"{self.db_name}\" does not exist",
                               hint="Connect to one of the databases registered for your organization.")
+        limits = self.server.limits
+        try:
+            self.ticket = await limits.open_connection(login.org_id, login.name, login.limits)
+        except LimitError as exc:
+            raise ClientError(exc.code, exc.message, hint=exc.hint) from None
+        self.bucket = limits.bucket(login.org_id, login.name, login.limits)
         await self._send_client(m.auth_ok())
 
         self.pool = await self.server.pool_for(login, self.db_name)
+        self.usage = self.server.usage.counters(login.org_id, login.name, self.pool.db_type, tier=login.tier)
+        self.usage.connection_opened()
         known = self.pool.server_params
         if self.transaction_mode and known is not None and all(_param_key(k) in _SYNCED_REPORTED for k in wanted):
             # Like PgBouncer: no backend needed to log in. The server's start-up parameters are known
@@ -520,6 +543,7 @@ class Session:
             final = scram.handle_client_final(await self._read_typed(0x70))
         except ScramError:
             self.server.metrics.auth_failures += 1
+            self.server.usage.auth_failure(self.org)
             raise failed from None
         if login is None:
             raise failed
@@ -591,6 +615,7 @@ class Session:
             raise
         self.backend = conn
         self.metrics.backend_connections += 1
+        self._attached_at = time.perf_counter()
         return conn
 
     # --- serving -------------------------------------------------------------------------------
@@ -619,13 +644,29 @@ class Session:
                         await self._flush_backend(out)
                     return
                 if self.skip_until_sync:
-                    if t == 0x53:
-                        self.skip_until_sync = False
+                    if t != 0x53:
+                        continue
+                    self.skip_until_sync = False
+                    if not self.skip_forward_sync:
                         await self._send_client(m.ready_for_query(self.tx_status))
+                        continue
+                    self.skip_forward_sync = False  # earlier messages of the batch went to the backend
+                elif (t == 0x51 or t == 0x45) and not await self._admit(t):
                     continue
                 if (t == 0x51 or t == 0x43) and await self._answer_locally(t, s, e):
                     continue
                 conn = self.backend
+                if conn is None and self.tx_status == b"I":
+                    # A named Parse outside a transaction needs no backend yet: it is prepared where
+                    # its Bind or Describe lands. Clients that prepare with a blocking call (libpq's
+                    # PQprepare: Parse, Sync) then never wait for a backend just to prepare.
+                    if t == 0x50 and await self._parse_locally(s, e):
+                        continue
+                    if self.lazy_sync and (t == 0x53 or t == 0x48):
+                        if t == 0x53:
+                            self.lazy_sync = False
+                            await self._send_client(m.ready_for_query(self.tx_status))
+                        continue
                 if conn is None:
                     if out:  # cannot happen: forwarded messages keep their backend attached
                         raise AssertionError("pending output without a backend")
@@ -642,6 +683,7 @@ class Session:
                             await self._send_client(m.ready_for_query(self.tx_status))
                         continue
                     nursery.start_soon(self._relay, conn)
+                    self.lazy_sync = False  # the batch's Sync goes to the backend now
                 await self._forward(conn, t, s, e, out)
             if out:
                 await self._flush_backend(out)
@@ -649,7 +691,33 @@ class Session:
             if not data:
                 return
             self.metrics.bytes_in += len(data)
+            self.usage.bytes_in += len(data)
             reader.feed(data)
+
+    async def _admit(self, t: int) -> bool:
+        """The org's query rate: a token now (the usual case, no wait), a wait for one, or a refusal."""
+        bucket = self.bucket
+        assert bucket is not None
+        if bucket.stock > 0:
+            await bucket.admit(False)
+            return True
+        in_transaction = self.tx_status != b"I"
+        try:
+            await bucket.admit(in_transaction)
+        except LimitError as exc:
+            self.metrics.refused += 1
+            self.usage.refused += 1
+            error = m.error_response("ERROR", exc.code, exc.message, hint=exc.hint)
+            if t == 0x51:
+                await self._fake(error, K_FAKE_READY)
+            else:  # Execute: the rest of its batch is skipped, as after any error
+                await self._fake(error)
+                self.skip_until_sync = True
+                self.skip_forward_sync = self.backend is not None and self.unsynced
+            return False
+        self.metrics.throttled += 1
+        self.usage.throttled += 1
+        return True
 
     async def _flush_backend(self, out: bytearray) -> None:
         conn = self.backend
@@ -666,7 +734,7 @@ class Session:
         if self.expect:
             self.expect.append((kind, False, data))
         else:
-            if kind == K_FAKE_DEALLOCATE:
+            if kind == K_FAKE_READY:
                 data = data + m.ready_for_query(self.tx_status)
             await self._send_client(data)
 
@@ -738,7 +806,7 @@ class Session:
         elif t == 0x45:  # Execute
             self.metrics.queries += 1
             self.unsynced = True
-            expect.append(_EXECUTE_ENTRY)
+            expect.append((K_EXECUTE, False, time.perf_counter()))
             out += buf[s:e]
         elif t == 0x53:  # Sync
             self.unsynced = False
@@ -772,6 +840,18 @@ class Session:
         else:
             raise ProtocolViolation(f"unexpected message type {chr(t)!r}")
 
+    async def _parse_locally(self, s: int, e: int) -> bool:
+        name, rest = m.split_parse(bytes(self.creader.buf[s + 5: e]))
+        if not name:
+            return False
+        if name not in self.statements and len(self.statements) >= MAX_PREPARED_PER_CLIENT:
+            return False  # _forward refuses it with the limit's error
+        self.statements[name] = (_statement_key(rest), rest,
+                                 bool(_SETTISH_START.match(rest) or _SETTISH_ANY.search(rest)))
+        self.lazy_sync = True
+        await self._send_client(m.parse_complete())
+        return True
+
     async def _answer_locally(self, t: int, s: int, e: int) -> bool:
         """Close or DEALLOCATE of a protocol-level statement: O7s owns those names, so it answers.
 
@@ -803,7 +883,7 @@ class Session:
         if name not in self.statements:
             return False  # maybe an SQL-level PREPARE: the server knows it
         del self.statements[name]
-        await self._fake(m.command_complete("DEALLOCATE"), K_FAKE_DEALLOCATE)
+        await self._fake(m.command_complete("DEALLOCATE"), K_FAKE_READY)
         return True
 
     async def _relay(self, conn: BackendConn) -> None:
@@ -842,10 +922,15 @@ class Session:
                 popped = False
                 if t == _Z:
                     if expect:
-                        started = expect.popleft()[2]
+                        kind, _sw, started = expect.popleft()
                         popped = True
                         if started is not None:
-                            metrics.observe_latency(time.perf_counter() - started)  # type: ignore[operator]
+                            took = time.perf_counter() - started  # type: ignore[operator]
+                            metrics.observe_latency(took)
+                            if kind == K_QUERY:
+                                self.usage.query_done(took, self._q_rows, self._q_ok)
+                                self._q_rows = 0
+                                self._q_ok = True
                     self.tx_status = bytes(buf[s + 5: s + 6])
                 elif t == _PC or t == _BC or t == _CC:
                     if expect:
@@ -856,14 +941,22 @@ class Session:
                         expect.popleft()
                         popped = True
                 elif t in _DONE_EXECUTE:
-                    if t == _CMD:
-                        self._on_command_tag(conn, buf[s + 5: e - 1])
-                    if expect and expect[0][0] == K_EXECUTE:
-                        expect.popleft()
-                        popped = True
+                    rows = self._on_command_tag(conn, buf[s + 5: e - 1]) if t == _CMD else 0
+                    if expect:
+                        front = expect[0][0]
+                        if front == K_EXECUTE:
+                            self.usage.query_done(time.perf_counter() - expect.popleft()[2], rows, True)
+                            popped = True
+                        elif front == K_QUERY:
+                            self._q_rows += rows
                 elif t == _ERR:
                     metrics.errors += 1
-                    if expect and expect[0][0] != K_QUERY:
+                    front = expect[0][0] if expect else -1
+                    if front == K_QUERY:
+                        self._q_ok = False
+                    elif front != -1:
+                        if front == K_EXECUTE:
+                            self.usage.query_done(time.perf_counter() - expect[0][2], 0, False)
                         # The server skips everything up to the next Sync.
                         while expect and expect[0][0] != K_SYNC:
                             kind, _sw, key = expect.popleft()
@@ -891,6 +984,7 @@ class Session:
             out += buf[seg:reader.pos]
             if out:
                 metrics.bytes_out += len(out)
+                self.usage.bytes_out += len(out)
                 await self._send_client(out)
                 out.clear()
             if self._clean(conn):
@@ -899,6 +993,7 @@ class Session:
                 if self.transaction_mode and self.backend is conn:
                     self.backend = None
                     metrics.backend_connections -= 1
+                    self.usage.backend_seconds += time.perf_counter() - self._attached_at
                     assert self.pool is not None
                     self.pool.release(conn)
                     return
@@ -908,7 +1003,7 @@ class Session:
         while expect and expect[0][0] >= K_FAKE:
             kind, _sw, data = expect.popleft()
             out += data  # type: ignore[operator]
-            if kind == K_FAKE_DEALLOCATE:
+            if kind == K_FAKE_READY:
                 out += m.ready_for_query(self.tx_status)
 
     def _capture(self, conn: BackendConn, t: int, payload: bytes) -> bool:
@@ -941,9 +1036,16 @@ class Session:
             return True
         return False
 
-    def _on_command_tag(self, conn: BackendConn, tag: bytearray) -> None:
+    def _on_command_tag(self, conn: BackendConn, tag: bytearray) -> int:
+        """Rows of a CommandComplete tag (`SELECT 3`, `INSERT 0 5`); forgets statements on DISCARD ALL."""
         if tag == b"DISCARD ALL" or tag == b"DEALLOCATE ALL":
             conn.prepared.clear()
+            return 0
+        space = tag.rfind(b" ")
+        if space < 0:
+            return 0
+        last = tag[space + 1:]
+        return int(last) if last.isdigit() else 0
 
     def cancel(self) -> None:
         """A CancelRequest with this session's key arrived: pass it to the backend running its query."""

@@ -25,6 +25,8 @@ from o7s_cluster import logs
 from o7s_cluster.affinity import home_worker
 from o7s_cluster.catalog import TrioCatalog
 from o7s_cluster.config import Settings
+from o7s_cluster.limits import Limits
+from o7s_cluster.usage import UsageRecorder
 from o7s_cluster.metrics import WorkerMetrics
 from o7s_cluster.server import Server
 from o7s_cluster.session import Session
@@ -146,12 +148,20 @@ class Worker:
     async def run(self) -> None:
         settings = self.settings
         catalog = TrioCatalog(settings.platform_dsn or "", Vault(settings.secret_key), ttl=settings.catalog_ttl)
+        worker_id = f"m{settings.machine_id}-w{self.index}"
+        limits = Limits(settings, worker_key=f"{worker_id}-{os.getpid()}")
+        limits.on_invalidate(catalog.invalidate)
+        usage = UsageRecorder(settings, worker=worker_id)
         listen_sock = _listen_socket(settings)
         await self.router.bind()
         try:
             async with trio.open_nursery() as nursery:
-                self.server = server = Server(settings, catalog, nursery, worker_index=self.index, router=self.router)
+                self.server = server = Server(settings, catalog, nursery, limits=limits, usage=usage,
+                                              worker_index=self.index, router=self.router)
                 self.router.metrics = server.metrics
+                usage.metrics = server.metrics
+                await nursery.start(limits.run)
+                nursery.start_soon(usage.run)
                 nursery.start_soon(server.pools.run_reaper)
                 nursery.start_soon(self.router.receive, server)
                 nursery.start_soon(self._signals)
@@ -164,6 +174,8 @@ class Worker:
                                                handler_nursery=nursery)
                 listen_sock.close()
                 await self._drain(server)
+                with trio.move_on_after(10):
+                    await usage.flush()  # the last window is in the spool before we exit
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -230,6 +242,7 @@ class Worker:
             return None
         cmd = msg.get("cmd")
         if cmd == "stats":
+            self.server.metrics.limits_degraded = int(self.server.limits.degraded)
             snap = self.server.metrics.snapshot()
             snap["retiring"] = self.retiring
             snap["draining"] = self.server.draining

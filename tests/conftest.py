@@ -194,6 +194,8 @@ def start_proxy(env: dict[str, str], tmp: Path, *extra: str) -> Proxy:
     port = free_port()
     log = tmp / f"o7s-{port}.log"
     fh = open(log, "w")
+    env = dict(env)
+    env.setdefault("O7S_SPOOL_DIR", str(tmp / f"spool-{port}"))  # each proxy its own usage spool
     proc = subprocess.Popen(
         [sys.executable, "-m", "o7s_cluster", "serve", "--listen", f"127.0.0.1:{port}", *extra],
         env=env, stdout=fh, stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 import trio
 
-from o7s_cluster.catalog import Admin, CatalogError, OrgLogin, TierLimits, TrioCatalog, migrate
+from o7s_cluster.catalog import MIGRATIONS_DIR, Admin, CatalogError, OrgLogin, TierLimits, TrioCatalog, migrate
 from o7s_cluster.dsn import parse_dsn
 from o7s_cluster.pgwire.scram import make_verifier, parse_verifier
 from o7s_cluster.vault import Vault, VaultError, generate_key
@@ -56,10 +56,14 @@ def counts(dsn: str) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------- migrate
 
 
+ALL_MIGRATIONS = sorted(p.name for p in MIGRATIONS_DIR.glob("*.sql"))
+
+
 def test_migrate_is_idempotent(fresh_db):
-    assert migrate(fresh_db) == ["001_platform.sql"]
+    assert ALL_MIGRATIONS[0] == "001_platform.sql"
+    assert migrate(fresh_db) == ALL_MIGRATIONS
     assert migrate(fresh_db) == []
-    assert [r[0] for r in q(fresh_db, "SELECT name FROM platform.schema_migrations")] == ["001_platform.sql"]
+    assert [r[0] for r in q(fresh_db, "SELECT name FROM platform.schema_migrations ORDER BY name")] == ALL_MIGRATIONS
     tiers = q(fresh_db, "SELECT tier, max_connections, max_qps, base_fee_usd::float FROM platform.tier_limits ORDER BY rank")
     assert tiers == [("free", 5, 10, 0.0), ("starter", 10, 50, 10.0), ("pro", 50, 200, 50.0),
                      ("enterprise", 200, 1000, 200.0)]
@@ -80,7 +84,7 @@ def test_concurrent_migrations_apply_once(fresh_db):
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(results) == [[], [], [], ["001_platform.sql"]]
+    assert sorted(results) == [[], [], [], ALL_MIGRATIONS]
 
 
 def test_new_migration_files_apply_in_order(fresh_db, tmp_path):

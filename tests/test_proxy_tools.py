@@ -179,9 +179,7 @@ def test_pgbench_counters_same_as_direct(proxy, bench_db, pool_mode, qmode, tmp_
     script = tmp_path / "counters.sql"
     script.write_text(COUNTER_SCRIPT)
     os.chmod(tmp_path, 0o777)
-    # pgbench -M prepared prepares with blocking calls: with fewer threads than clients, a thread can wait
-    # for a backend held by its own other clients (README, "Note for pgbench users"); see the xfail below.
-    threads = clients if qmode == "prepared" and pool_mode == "transaction" else 3
+    threads = 3  # fewer threads than clients: pgbench multiplexes clients and prepares with blocking calls
     args = ["-M", qmode, "-c", str(clients), "-j", str(threads), "-t", str(txs), "-f", str(script)]
 
     reset_counters(org)
@@ -202,9 +200,6 @@ def test_pgbench_counters_same_as_direct(proxy, bench_db, pool_mode, qmode, tmp_
     assert counters == expect
 
 
-@pytest.mark.xfail(reason="README: pgbench -M prepared with -c > -j and -c > pool_size can starve the pool "
-                          "(blocking PQprepare needs a backend while the same thread's clients hold them all)",
-                   strict=False)
 def test_pgbench_prepared_fewer_threads_than_clients(proxy, bench_db, pool_mode, tmp_path):
     if pool_mode != "transaction":
         pytest.skip("transaction mode only")
@@ -224,7 +219,7 @@ def test_pgbench_tpcb_builtin(proxy, bench_db, pool_mode, qmode):
     clients, txs = (25, 20) if pool_mode == "transaction" else (8, 20)
     with backend(org) as conn:
         before = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0]
-    threads = clients if qmode == "prepared" and pool_mode == "transaction" else 3  # see README
+    threads = 3
     p = run_pgbench(["-b", "tpcb-like", "-M", qmode, "-c", str(clients), "-j", str(threads), "-t", str(txs)],
                     proxy_target(proxy, org), org.password)
     check_pgbench_ok(p, clients, txs)
