@@ -163,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "server_connect_timeout": args.server_connect_timeout, "max_message_size": args.max_message_size,
         "log_level": args.log_level, "workers": args.workers, "admin_listen": args.admin,
         "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
+        "engine": args.engine, "ray_address": args.ray_address, "workers_per_node": args.workers_per_node,
     }
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
@@ -172,13 +173,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with embedded_platform(settings) as (settings, psql_line):
             print(f"O7s embedded mode: a throwaway control plane and a demo org. Connect with:\n  {psql_line}",
                   flush=True)
-            _run_server(server, settings, None)
+            _run_server(_engine(settings, server), settings, None)
         return 0
     Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
     from o7s_cluster import server
 
-    _run_server(server, settings, lambda: load_settings(args.config, overrides=flags))
+    _run_server(_engine(settings, server), settings, lambda: load_settings(args.config, overrides=flags))
     return 0
+
+
+def _engine(settings: Any, server: Any) -> Any:
+    """The module whose run(settings, reload) serves: server (local processes) or engine_ray (Ray actors).
+    Ray is imported only here, and only for --engine ray."""
+    if settings.engine != "ray":
+        return server
+    try:
+        from o7s_cluster import engine_ray
+    except ImportError as e:
+        raise CommandError(f"--engine ray needs Ray ({e.name or e}): pip install 'o7s-cluster[ray]'") from None
+    return engine_ray
 
 
 def _run_server(server: Any, settings: Any, reload: Any) -> None:
@@ -264,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", metavar="SECONDS", help="SIGTERM: time open transactions get (default 30)")
     s.add_argument("--machine-id", metavar="N", help="0-127, distinguishes machines in cancel keys (default 0)")
     s.add_argument("--redis-url", metavar="URL", help="shared limits state (default: $REDIS_URL; none: node-local)")
+    s.add_argument("--engine", choices=("local", "ray"), help="local: worker processes on this machine (default);"
+                   " ray: worker actors on every node of a Ray cluster (docs/SCALING.md)")
+    s.add_argument("--ray-address", metavar="ADDR", help="--engine ray: the Ray cluster to join (default:"
+                   " $RAY_ADDRESS, else a new local Ray instance)")
+    s.add_argument("--workers-per-node", metavar="N", help="--engine ray: workers on each node, 1-64 (default:"
+                   " the node's CPUs)")
 
     from o7s_cluster.cli_ctl import register as register_ctl  # `o7s ctl ...`: the admin port's client
 

@@ -16,6 +16,7 @@ from typing import Any
 
 POOL_MODES = ("transaction", "session")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ENGINES = ("local", "ray")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,10 @@ class Settings:
     drain_timeout: float = 30.0  # SIGTERM: how long open transactions may take to finish
     machine_id: int = 0  # 0-127, encoded in the BackendKeyData O7s hands out
     run_dir: str | None = None  # where workers' Unix sockets live (default: a fresh temp dir)
+    # --- engine: "local" (a supervisor and worker processes) or "ray" (Ray actors on every node) ---
+    engine: str = "local"
+    ray_address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)
+    workers_per_node: int | None = None  # Ray engine: workers on each node (default: the node's CPUs)
     # --- limits (Redis) ---
     redis_url: str | None = field(default=None, repr=False)
     rate_sync_interval: float = 0.1  # T: how often a worker tops up its local tokens from Redis
@@ -106,7 +111,7 @@ def _convert(name: str, value: Any) -> Any:
         return int(value)
     if name == "max_message_size":
         return _size(value)
-    if name in ("workers", "machine_id"):
+    if name in ("workers", "machine_id", "workers_per_node"):
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"expected a whole number, got {value!r}")
         return int(value)
@@ -125,7 +130,7 @@ def _convert(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key", "admin_listen", "run_dir", "redis_url",
-                "mongodb_url"):
+                "mongodb_url", "ray_address"):
         return value.strip() or None
     return value.strip()
 
@@ -164,6 +169,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("workers must be between 1 and 64")
     if not 0 <= s.machine_id <= 127:
         raise ConfigError("machine_id must be between 0 and 127")
+    if s.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {s.engine!r}")
+    if s.workers_per_node is not None and not 1 <= s.workers_per_node <= 64:
+        raise ConfigError("workers_per_node must be between 1 and 64")
     if s.admin_listen is not None:
         try:
             parse_listen(s.admin_listen)

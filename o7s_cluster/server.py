@@ -34,6 +34,9 @@ log = logging.getLogger("o7s.server")
 class Server:
     """State shared by the sessions of one worker."""
 
+    # Set by an engine that spans machines (engine_ray): fn(machine, pid, secret), must not block.
+    remote_cancel: Callable[[int, int, int], None] | None = None
+
     def __init__(self, settings: Settings, catalog: TrioCatalog, nursery: trio.Nursery, *, limits: Limits,
                  usage: UsageRecorder, worker_index: int = 0, router: Router | None = None) -> None:
         self.limits = limits
@@ -123,7 +126,12 @@ class Server:
 
     def cancel(self, pid: int, secret: int) -> None:
         machine, worker, _ = split_pid(pid)
-        if worker != self.worker_index and machine == self.settings.machine_id and self.router is not None:
+        if machine != self.settings.machine_id:  # another machine's key: its engine forwards it, if it can
+            if self.remote_cancel is not None:
+                self.remote_cancel(machine, pid, secret)
+                self.metrics.cancels_forwarded += 1
+            return
+        if worker != self.worker_index and self.router is not None:
             self.router.forward_cancel(worker, pid, secret)
             self.metrics.cancels_forwarded += 1
             return
