@@ -778,7 +778,7 @@ class Session:
                     self.settings_dirty = True
                 return
             if name not in self.statements and len(self.statements) >= MAX_PREPARED_PER_CLIENT:
-                raise ClientError(codes.CONFIGURATION_LIMIT_EXCEEDED,
+                raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
                                   f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
             key = _statement_key(rest)
             self.statements[name] = (key, rest, bool(_SETTISH_START.match(rest) or _SETTISH_ANY.search(rest)))
