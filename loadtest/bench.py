@@ -360,6 +360,13 @@ def versions(stack: Stack | None = None) -> dict:
     except OSError:
         pass
     git = cmd(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"])
+    try:
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "o7s_cluster"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:  # noqa: BLE001
+        dirty = ""
+    if dirty:
+        git += f" (o7s_cluster/ had uncommitted changes in the checkout: {len(dirty.splitlines())} files)"
     pgb = cmd([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer", "--version"])
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "cores": os.cpu_count(),

@@ -58,7 +58,8 @@ machine), and what the harness does about it:
 """
 
 TARGET_P95_MS = 15.0
-COLORS = {"direct": "#444444", "pgbouncer": "#1f77b4", "o7s": "#d62728"}
+COLORS = {"direct": "#444444", "pgbouncer": "#1f77b4", "o7s": "#d62728", "o7s-w1": "#ff7f0e",
+          "o7s-w2": "#d62728", "o7s-w3": "#9467bd", "o7s-w4": "#8c564b"}
 
 
 def _f(x, nd=2):
