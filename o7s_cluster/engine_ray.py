@@ -283,6 +283,7 @@ class RayCluster:
         with trio.move_on_after(self.settings.drain_timeout + 10):
             while any(rec.state not in ("finished", "restarting") for rec in self.actors.values()):
                 await trio.sleep(0.1)
+        log.info("workers drained", extra={"left": sum(r.state != "finished" for r in self.actors.values())})
         self._stopped.set()
 
     async def _kill_all(self) -> None:
@@ -556,5 +557,6 @@ def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> Non
         trio.run(cluster.run)
     finally:
         ray.shutdown()
+        log.info("Ray engine stopped")
     if cluster.failure:
         raise ClusterError(cluster.failure)
