@@ -167,7 +167,7 @@ def _per_op(results: list[dict]) -> list[str]:
 
 
 def _sanity(results: list[dict]) -> list[str]:
-    out = []
+    out: list[str] = []
     for r in results:
         notes = []
         if r.get("connected", 0) < r["users"]:
@@ -180,6 +180,10 @@ def _sanity(results: list[dict]) -> list[str]:
             notes.append(f"histograms from {r['hist_files']} of {r['locust_processes']} Locust processes")
         if r["error_samples"]:
             notes.append("errors: " + "; ".join(f"{k} (×{v})" for k, v in r["error_samples"].items()))
+        w = r.get("cpu_window_s") or 0
+        if w and r.get("other_cpu_s", 0) / w > 0.5:
+            notes.append(f"noisy: work outside this benchmark used {r['other_cpu_s'] / w:.2f} cores "
+                         "during the window")
         if r.get("proxy_cpu_per_process"):
             notes.append("proxy CPU by process: " + ", ".join(f"{n} {v:.2f}s" for n, v in r["proxy_cpu_per_process"]))
         if notes:
