@@ -23,6 +23,7 @@ import trio
 
 from o7s_cluster import logs
 from o7s_cluster.affinity import home_worker
+from o7s_cluster.cancelbus import CancelBus
 from o7s_cluster.catalog import TrioCatalog
 from o7s_cluster.config import Settings
 from o7s_cluster.limits import Limits
@@ -162,6 +163,10 @@ class Worker:
                 usage.metrics = server.metrics
                 await nursery.start(limits.run)
                 nursery.start_soon(usage.run)
+                if settings.redis_url and server.remote_cancel is None:
+                    bus = CancelBus(settings.redis_url, server)
+                    server.remote_cancel = bus.publish
+                    nursery.start_soon(bus.run)
                 nursery.start_soon(server.pools.run_reaper)
                 nursery.start_soon(self.router.receive, server)
                 nursery.start_soon(self._signals)

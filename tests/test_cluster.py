@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import signal
 import subprocess
 import sys
@@ -318,3 +320,35 @@ def test_sighup_reloads_the_configuration(migrated, tmp_path_factory, make_org):
         for c in holders_:
             c.close()
         stop_proxy(p)
+
+
+def test_cancel_reaches_another_machine_through_redis(migrated, tmp_path_factory, make_org, redis_server):
+    """Two instances (machine ids 1 and 2) sharing a Redis: a cancel sent to the other one still works."""
+    org = make_org("clxmachine", "pro")
+    env = dict(migrated, REDIS_URL=redis_server.url)
+    tmp = tmp_path_factory.mktemp("xmachine")
+    a = start_proxy(env, tmp, "--workers", "1", "--machine-id", "1")
+    b = start_proxy(env, tmp, "--workers", "1", "--machine-id", "2")
+    try:
+        time.sleep(1.0)  # both subscribed
+        with RawPG(a.host, a.port) as c:
+            key = [body for t, body in c.login(org.name, org.password, org.dbname) if t == b"K"][0]
+            pid, secret = struct.unpack("!ii", key)
+            assert pid >> 24 == 1  # the key names machine 1
+            c.send(b"Q", b"select pg_sleep(10)\x00")
+            time.sleep(0.3)
+            with socket.create_connection((b.host, b.port)) as cancel:  # to the other machine
+                cancel.sendall(struct.pack("!iiii", 16, 80877102, pid, secret))
+            t0 = time.monotonic()
+            msgs = c.recv_until(b"Z")
+            assert time.monotonic() - t0 < 3
+            err = [error_fields(body) for t, body in msgs if t == b"E"]
+            assert err and err[0]["C"] == "57014", msgs
+            # A wrong secret cancels nothing.
+            c.send(b"Q", b"select pg_sleep(1)\x00")
+            with socket.create_connection((b.host, b.port)) as cancel:
+                cancel.sendall(struct.pack("!iiii", 16, 80877102, pid, secret ^ 1))
+            assert [t for t, _ in c.recv_until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        stop_proxy(a)
+        stop_proxy(b)
