@@ -231,6 +231,9 @@ class AdminApp:
         snaps, workers = await self.gather()
         ok, _ = await self._ready()
         cluster = {"workers": workers, "ready": ok, "stale_workers": self.carry.stale}
+        target = getattr(self.view, "target", None)  # the supervisor's worker count, when it has one
+        if isinstance(target, int):
+            cluster["target_workers"] = target
         body = render_prometheus(snaps, cluster=cluster, budget=self.budget)
         return 200, [(b"content-type", CONTENT_TYPE.encode())], body
 
