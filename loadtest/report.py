@@ -244,14 +244,23 @@ def write_report(out: Path, notes_md: str = "") -> Path:
             f"requests/s), {o['duration']:g} s measured per step and target, same mix and orgs as above. "
             "A target is not run at higher rates once it has missed the target twice.",
             "",
-            "| target | highest rate with P95 < 15 ms and no errors (req/s) | achieved queries/s there | P95 there (ms) |",
-            "|---|---:|---:|---:|",
+            "Each step is one run on a shared, noisy machine, so a target can miss at one rate and pass at "
+            "a higher one; the table gives both the highest rate that passed and the lowest that missed.",
+            "",
+            "| target | highest rate with P95 < 15 ms and no errors (req/s) | achieved queries/s there "
+            "| P95 there (ms) | lowest rate that missed (P95 there) |",
+            "|---|---:|---:|---:|---:|",
         ]
         for t in dict.fromkeys(r["target"] for r in sweep["runs"]):
-            ok = [r for r in sweep["runs"] if r["target"] == t and passes(r)]
+            mine = [r for r in sweep["runs"] if r["target"] == t]
+            ok = [r for r in mine if passes(r)]
+            bad = [r for r in mine if not passes(r)]
             best = max(ok, key=lambda r: r["offered_rps"]) if ok else None
-            md.append(f"| {t} | {best['offered_rps']:g} | {best['achieved_qps']:.0f} | {_f(best['latency']['p95_ms'])} |"
-                      if best else f"| {t} | none of the rates tried | – | – |")
+            miss = min(bad, key=lambda r: r["offered_rps"]) if bad else None
+            miss_s = (f"{miss['offered_rps']:g} ({_f(miss['latency']['p95_ms'])} ms"
+                      + (f", {miss['errors']} errors" if miss["errors"] else "") + ")") if miss else "none tried"
+            md.append(f"| {t} | {best['offered_rps']:g} | {best['achieved_qps']:.0f} | {_f(best['latency']['p95_ms'])} | {miss_s} |"
+                      if best else f"| {t} | none of the rates tried | – | – | {miss_s} |")
         md += ["", "![P95 against offered rate](p95_vs_rate.png)", "", "### Every step", ""]
         md += _table(sorted(sweep["runs"], key=lambda r: (r["offered_rps"], r["target"]))) + [""]
         san = _sanity(sweep["runs"])
