@@ -163,7 +163,9 @@ def test_sink_database_down_under_load_every_record_once(pg_server, pg_breakable
         threads = [threading.Thread(target=load, args=(o,)) for o in (a, b)]
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        # both clients logged in and querying before the control plane goes (a login needs it)
+        wait_for(lambda: all(counts.values()) or errors, 30, "the load never started")
+        time.sleep(1.0)
         pg_breakable.stop()
         try:
             time.sleep(4)  # several windows while the sink (and control plane) is down; sessions go on
