@@ -188,7 +188,7 @@ def build_bill(period: str, usages: Iterable[OrgUsage], tiers: dict[str, TierPri
     bill = Bill(period, invoices)
     if infra_cost is None:
         return bill
-    infra_cost = _d(infra_cost)
+    infra_cost = _d(infra_cost).quantize(CENT, ROUND_HALF_UP)
     bill.infra_cost = infra_cost
     metered = [metered_cost(u).quantize(MICRO, ROUND_HALF_UP) for u in usages]
     shares = allocate(infra_cost, [metered_cost(u) for u in usages])
