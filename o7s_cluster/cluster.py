@@ -265,12 +265,7 @@ class Supervisor:
                     "stopping": self.stopping}
 
     def _ping_control_plane(self) -> bool:
-        try:
-            with psycopg.connect(self.settings.platform_dsn or "", connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-            return True
-        except psycopg.Error:
-            return False
+        return ping_control_plane(self.settings.platform_dsn)
 
     async def snapshots(self) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
@@ -317,6 +312,16 @@ class Supervisor:
         await self._broadcast_members()
         log.info("workers scaled", extra={"workers": n})
         return {"workers": n, "members": self.members()}
+
+
+def ping_control_plane(dsn: str | None) -> bool:
+    """Readiness: can the control plane be reached right now (a blocking call, for a thread)."""
+    try:
+        with psycopg.connect(dsn or "", connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
 
 
 async def supervise(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:

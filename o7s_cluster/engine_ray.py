@@ -40,7 +40,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import ray
 import trio
 from ray.exceptions import GetTimeoutError, RayError
@@ -48,6 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from o7s_cluster import logs
 from o7s_cluster.affinity import MACHINE_BITS, MAX_WORKERS, split_pid
+from o7s_cluster.cluster import ping_control_plane
 from o7s_cluster.config import Settings, parse_listen
 from o7s_cluster.worker import Router, Worker, supervisor_socket_path, worker_socket_path
 
@@ -471,12 +471,7 @@ class RayCluster:
                     "control_plane": control_plane, "stopping": self.stopping, "engine": "ray"}
 
     def _ping_control_plane(self) -> bool:
-        try:
-            with psycopg.connect(self.settings.platform_dsn or "", connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-            return True
-        except psycopg.Error:
-            return False
+        return ping_control_plane(self.settings.platform_dsn)
 
     async def snapshots(self) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []

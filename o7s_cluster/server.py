@@ -6,7 +6,6 @@ import hmac
 import logging
 import os
 import secrets
-import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,6 @@ from o7s_cluster.metrics import WorkerMetrics
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.session import ClientError, Session
-from o7s_cluster.vault import Vault
 
 if TYPE_CHECKING:
     from o7s_cluster.limits import Limits

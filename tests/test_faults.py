@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from conftest import RawPG, admin_dsn, error_fields, first_error, start_proxy, stop_proxy
-from psycopg import errors as pgerr
 
 pytestmark = pytest.mark.timeout(60)
 

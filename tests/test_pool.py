@@ -85,7 +85,7 @@ async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_serv
 
 
 async def test_failed_connect_gives_the_slot_back(target):
-    bad = parse_dsn(f"postgresql://pooltest_owner:pool-pw@127.0.0.1:1/pooltest_db")
+    bad = parse_dsn("postgresql://pooltest_owner:pool-pw@127.0.0.1:1/pooltest_db")
     pool = Pool("pooltest_db", bad, 1, PoolSettings(connect_timeout=2))
     for _ in range(3):
         with pytest.raises(BackendError, match="connection refused"):

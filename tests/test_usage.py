@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psycopg
@@ -20,7 +19,7 @@ from o7s_cluster.catalog import migrate
 from o7s_cluster.config import Settings
 from o7s_cluster.sinks.postgres import PostgresSink
 from o7s_cluster.usage import (
-    HEAVY_ROWS, SpoolDir, UsageCounters, UsageRecord, UsageRecorder, decode_frames, encode_frame, estimate,
+    HEAVY_ROWS, UsageCounters, UsageRecord, UsageRecorder, decode_frames, encode_frame, estimate,
 )
 
 

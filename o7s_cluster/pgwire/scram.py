@@ -290,15 +290,20 @@ class ScramServer:
         self._state = "failed"
         return ScramError(msg)
 
-    def handle_client_first(self, data: bytes) -> bytes:
-        """Parse the client-first-message (SASLInitialResponse data); return the server-first-message."""
-        if self._state != "first":
-            raise self._fail("SCRAM client-first-message out of order")
+    def _accept(self, data: object, state: str, what: str, limit: int) -> bytes:
+        """The common checks of every incoming SCRAM message: order, type, size."""
+        if self._state != state:
+            raise self._fail(f"SCRAM {what} out of order")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise self._fail("malformed SCRAM message")
         data = bytes(data)
-        if len(data) > MAX_CLIENT_FIRST:
-            raise self._fail("SCRAM client-first-message too long")
+        if len(data) > limit:
+            raise self._fail(f"SCRAM {what} too long")
+        return data
+
+    def handle_client_first(self, data: bytes) -> bytes:
+        """Parse the client-first-message (SASLInitialResponse data); return the server-first-message."""
+        data = self._accept(data, "first", "client-first-message", MAX_CLIENT_FIRST)
         # gs2-header = gs2-cbind-flag "," [ authzid ] ","
         flag = data[:1]
         if flag == b"p":
@@ -332,13 +337,7 @@ class ScramServer:
 
     def handle_client_final(self, data: bytes) -> bytes:
         """Verify the client-final-message (SASLResponse data); return the server-final-message."""
-        if self._state != "final":
-            raise self._fail("SCRAM client-final-message out of order")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise self._fail("malformed SCRAM message")
-        data = bytes(data)
-        if len(data) > MAX_CLIENT_FINAL:
-            raise self._fail("SCRAM client-final-message too long")
+        data = self._accept(data, "final", "client-final-message", MAX_CLIENT_FINAL)
         attrs = _split_attrs(data)
         if len(attrs) < 3 or attrs[0][0] != b"c" or attrs[1][0] != b"r" or attrs[-1][0] != b"p":
             raise self._fail("malformed SCRAM message: expected c=, r= and p= attributes")
@@ -387,6 +386,21 @@ class ScramClient:
         self._state = "failed"
         return ScramError(msg)
 
+    def _accept(self, data: object, state: str, what: str, limit: int) -> bytes:
+        """The common checks of every incoming SCRAM message: order, type, size."""
+        if self._state != state:
+            raise self._fail(f"SCRAM {what} out of order")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._fail("malformed SCRAM message")
+        data = bytes(data)
+        if len(data) > limit:
+            raise self._fail(f"SCRAM {what} too long")
+        return data
+
+    def _check_server_error(self, data: bytes) -> None:
+        if data.startswith(b"e="):
+            raise self._fail(f"SCRAM error from server: {data[2:200].decode('ascii', 'replace')}")
+
     def client_first(self) -> bytes:
         if self._state != "start":
             raise self._fail("SCRAM client-first-message already sent")
@@ -395,15 +409,8 @@ class ScramClient:
 
     def handle_server_first(self, data: bytes) -> bytes:
         """Parse the server-first-message (AuthenticationSASLContinue); return the client-final-message."""
-        if self._state != "first_sent":
-            raise self._fail("SCRAM server-first-message out of order")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise self._fail("malformed SCRAM message")
-        data = bytes(data)
-        if len(data) > MAX_SERVER_FIRST:
-            raise self._fail("SCRAM server-first-message too long")
-        if data.startswith(b"e="):
-            raise self._fail(f"SCRAM error from server: {data[2:200].decode('ascii', 'replace')}")
+        data = self._accept(data, "first_sent", "server-first-message", MAX_SERVER_FIRST)
+        self._check_server_error(data)
         attrs = _split_attrs(data)
         if attrs[0][0] == b"m":
             raise self._fail("SCRAM mandatory extensions are not supported")
@@ -438,15 +445,8 @@ class ScramClient:
 
     def verify_server_final(self, data: bytes) -> None:
         """Check the server-final-message (AuthenticationSASLFinal); ScramError if it is wrong."""
-        if self._state != "final_sent":
-            raise self._fail("SCRAM server-final-message out of order")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise self._fail("malformed SCRAM message")
-        data = bytes(data)
-        if len(data) > MAX_SERVER_FINAL:
-            raise self._fail("SCRAM server-final-message too long")
-        if data.startswith(b"e="):
-            raise self._fail(f"SCRAM error from server: {data[2:200].decode('ascii', 'replace')}")
+        data = self._accept(data, "final_sent", "server-final-message", MAX_SERVER_FINAL)
+        self._check_server_error(data)
         if not data.startswith(b"v="):
             raise self._fail("malformed SCRAM server-final-message")
         value = data[2:].split(b",", 1)[0]  # extensions after v= are ignored
