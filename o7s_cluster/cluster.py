@@ -145,12 +145,12 @@ class Supervisor:
         await self._spawn(handle.index)
 
     async def _signals(self) -> None:
+        # The work runs in tasks so that this loop keeps taking signals: a second SIGTERM during a
+        # drain is absorbed here rather than left pending (trio re-raises pending ones on exit).
+        assert self.nursery is not None
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                else:
-                    await self.drain()
+                self.nursery.start_soon(self.reload if signum == signal.SIGHUP else self.drain)
 
     async def drain(self) -> None:
         """Stop accepting everywhere, let transactions finish, then exit (the workers send 57P01)."""
