@@ -172,12 +172,8 @@ class Supervisor:
         self._stopped.set()
 
     async def reload(self) -> None:
-        if self.reload_settings is None:
-            return
-        try:
-            new = self.reload_settings()
-        except Exception as exc:  # a bad config file must not take the cluster down
-            log.error("reload failed; keeping the old settings", extra={"error": str(exc)})
+        new = reread_settings(self.reload_settings)
+        if new is None:
             return
         self.settings = dataclasses.replace(new, workers=self.target)
         log.info("configuration reloaded")
@@ -312,6 +308,18 @@ class Supervisor:
         await self._broadcast_members()
         log.info("workers scaled", extra={"workers": n})
         return {"workers": n, "members": self.members()}
+
+
+def reread_settings(reload: Callable[[], Settings] | None) -> Settings | None:
+    """SIGHUP: the settings read again, or None (logged) when that fails: a bad config file must not
+    take the cluster down."""
+    if reload is None:
+        return None
+    try:
+        return reload()
+    except Exception as exc:
+        log.error("reload failed; keeping the old settings", extra={"error": str(exc)})
+        return None
 
 
 def ping_control_plane(dsn: str | None) -> bool:

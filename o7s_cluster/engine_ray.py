@@ -47,7 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from o7s_cluster import logs
 from o7s_cluster.affinity import MACHINE_BITS, MAX_WORKERS, split_pid
-from o7s_cluster.cluster import ping_control_plane
+from o7s_cluster.cluster import ping_control_plane, reread_settings
 from o7s_cluster.config import Settings, parse_listen
 from o7s_cluster.worker import Router, Worker, supervisor_socket_path, worker_socket_path
 
@@ -293,12 +293,8 @@ class RayCluster:
             await trio.to_thread.run_sync(_kill, rec.handle)
 
     async def reload(self) -> None:
-        if self.reload_settings is None:
-            return
-        try:
-            new = self.reload_settings()
-        except Exception as exc:  # a bad config file must not take the cluster down
-            log.error("reload failed; keeping the old settings", extra={"error": str(exc)})
+        new = reread_settings(self.reload_settings)
+        if new is None:
             return
         self.settings = dataclasses.replace(new, workers_per_node=self.per_node)
         log.info("configuration reloaded")

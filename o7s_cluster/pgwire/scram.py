@@ -243,7 +243,32 @@ def _split_attrs(msg: bytes) -> list[tuple[bytes, bytes]]:
 # Server
 
 
-class ScramServer:
+class _Exchange:
+    """What both sides of an exchange share: a state, and the checks every incoming message passes."""
+
+    _state: str
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def _fail(self, msg: str) -> ScramError:
+        self._state = "failed"
+        return ScramError(msg)
+
+    def _accept(self, data: object, state: str, what: str, limit: int) -> bytes:
+        """The common checks of every incoming SCRAM message: order, type, size."""
+        if self._state != state:
+            raise self._fail(f"SCRAM {what} out of order")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._fail("malformed SCRAM message")
+        data = bytes(data)
+        if len(data) > limit:
+            raise self._fail(f"SCRAM {what} too long")
+        return data
+
+
+class ScramServer(_Exchange):
     """Server side of SCRAM-SHA-256, one exchange per instance.
 
     ``verifier=None`` runs a mock exchange (unknown user): the server-first-message has the same
@@ -281,25 +306,6 @@ class ScramServer:
         self._client_first_bare = b""
         self._server_first = b""
         self._nonce = b""
-
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
-    def _fail(self, msg: str) -> ScramError:
-        self._state = "failed"
-        return ScramError(msg)
-
-    def _accept(self, data: object, state: str, what: str, limit: int) -> bytes:
-        """The common checks of every incoming SCRAM message: order, type, size."""
-        if self._state != state:
-            raise self._fail(f"SCRAM {what} out of order")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise self._fail("malformed SCRAM message")
-        data = bytes(data)
-        if len(data) > limit:
-            raise self._fail(f"SCRAM {what} too long")
-        return data
 
     def handle_client_first(self, data: bytes) -> bytes:
         """Parse the client-first-message (SASLInitialResponse data); return the server-first-message."""
@@ -366,7 +372,7 @@ class ScramServer:
 # Client
 
 
-class ScramClient:
+class ScramClient(_Exchange):
     """Client side of SCRAM-SHA-256 (no channel binding), as libpq does it."""
 
     def __init__(self, password: str, *, client_nonce: bytes | None = None) -> None:
@@ -377,25 +383,6 @@ class ScramClient:
         self._state = "start"
         self._client_first_bare = b"n=,r=" + self._client_nonce
         self._server_signature = b""
-
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
-    def _fail(self, msg: str) -> ScramError:
-        self._state = "failed"
-        return ScramError(msg)
-
-    def _accept(self, data: object, state: str, what: str, limit: int) -> bytes:
-        """The common checks of every incoming SCRAM message: order, type, size."""
-        if self._state != state:
-            raise self._fail(f"SCRAM {what} out of order")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise self._fail("malformed SCRAM message")
-        data = bytes(data)
-        if len(data) > limit:
-            raise self._fail(f"SCRAM {what} too long")
-        return data
 
     def _check_server_error(self, data: bytes) -> None:
         if data.startswith(b"e="):
