@@ -9,6 +9,12 @@ Endpoints (JSON is orjson; errors are ``{"error": "..."}``)::
     GET  /v1/orgs/{org}   live connections, qps and other rates, totals, latency, pool state; 404 if never seen
     POST /v1/workers      {"count": N} with 1 <= N <= 64: scale the cluster; 200 with the new state, 400 on bad input
 
+Authentication (``AdminAuth``): every state-changing request (any method but GET/HEAD) needs
+``Authorization: Bearer <admin_token>``, compared in constant time; 401 without it or with a wrong one. With no
+token configured such requests are refused (403) wherever they come from: a loopback exception would open the
+port to anything that proxies to it from the same host. Reads (/metrics, /v1/cluster, /v1/orgs) are open unless
+``admin_auth_reads`` is set; /health and /ready are always open (liveness probes carry no credentials).
+
 HTTP is served by Hypercorn's trio worker (``hypercorn.trio.serve``): it does the HTTP/1.1 parsing, keep-alive
 and graceful shutdown, which are the parts worth not writing. The application on top is a small hand-routed
 ASGI callable rather than Starlette: there are six fixed routes with no middleware, templates or forms, and
@@ -24,10 +30,12 @@ first ``/v1/orgs`` call after a quiet spell takes up to a second and later ones 
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -50,6 +58,22 @@ log = logging.getLogger("o7s.admin")
 MIN_WORKERS, MAX_WORKERS = 1, 64
 MAX_BODY = 64 * 1024
 _RATE_FIELDS = ("queries", "errors", "throttled", "refused")
+OPEN_PATHS = frozenset(("/health", "/ready"))  # never need a token: probes
+_READ_METHODS = frozenset(("GET", "HEAD"))
+_BEARER = b"bearer "
+_CHALLENGE = [(b"www-authenticate", b'Bearer realm="o7s-admin"')]
+
+
+@dataclass(frozen=True)
+class AdminAuth:
+    """Who may do what on the admin port (from the settings; read again on every request, so SIGHUP rotates it)."""
+
+    token: str | None = None
+    reads: bool = False  # /metrics and /v1/* reads need the token too
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AdminAuth:
+        return cls(settings.admin_token, bool(settings.admin_auth_reads))
 
 
 class ClusterView(Protocol):
@@ -87,8 +111,11 @@ class AdminApp:
 
     def __init__(self, view: ClusterView, *, max_org_labels: int = DEFAULT_MAX_ORG_LABELS,
                  gather_timeout: float = 5.0, ready_timeout: float = 5.0, rate_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth()) -> None:
         self.view = view
+        self._auth = auth
+        self.auth_failures = 0  # requests refused for a missing or wrong token
         self.gather_timeout = gather_timeout
         self.ready_timeout = ready_timeout
         self.rate_interval = rate_interval
@@ -122,6 +149,7 @@ class AdminApp:
         method = scope["method"]
         head = method == "HEAD"
         try:
+            self._authorize(method, scope["path"], scope.get("headers") or (), scope.get("client"))
             status, headers, body = await self._dispatch("GET" if head else method, scope["path"], receive)
         except HTTPError as e:
             status, headers, body = e.status, [(b"content-type", b"application/json"), *e.headers], \
@@ -133,6 +161,34 @@ class AdminApp:
         headers = [*headers, (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})
+
+    def _authorize(self, method: str, path: str, headers: Any, client: Any) -> None:
+        """Refuse (401/403) before routing, so an unauthenticated client learns nothing of the routes."""
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/")
+        if path in OPEN_PATHS:
+            return
+        auth = self._auth() if callable(self._auth) else self._auth
+        write = method not in _READ_METHODS
+        if not write and not auth.reads:
+            return
+        if auth.token is None:
+            raise HTTPError(403, "state-changing admin requests are disabled: no admin token is configured"
+                                 " (set O7S_ADMIN_TOKEN or admin_token on `o7s serve`)")
+        given = b""
+        for name, value in headers:
+            if name.lower() == b"authorization":
+                given = bytes(value)
+                break
+        ok = given[:len(_BEARER)].lower() == _BEARER and hmac.compare_digest(
+            given[len(_BEARER):].strip(), auth.token.encode())
+        if not ok:
+            self.auth_failures += 1
+            log.warning("admin request refused: missing or wrong token",
+                        extra={"path": path[:200], "method": method[:16],
+                               "peer": f"{client[0]}:{client[1]}" if client else "?"})
+            raise HTTPError(401, "this admin request needs the admin token: Authorization: Bearer <token>"
+                                 " (o7s ctl sends $O7S_ADMIN_TOKEN)", _CHALLENGE)
 
     async def _dispatch(self, method: str, path: str, receive: Callable) -> tuple[int, list, bytes]:
         if len(path) > 1 and path.endswith("/"):
@@ -404,7 +460,8 @@ def _bind(host: str, port: int) -> str:
 async def serve_admin(host: str, port: int, view: ClusterView, *,
                       task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                       shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-                      app: AdminApp | None = None) -> None:
+                      app: AdminApp | None = None,
+                      auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth()) -> None:
     """Serve the admin HTTP port on host:port (port 0: a free one) until cancelled or `shutdown_trigger`
     returns. ``task_status.started((host, port))`` reports the address actually bound. An address that cannot
     be bound raises OSError before ``started``."""
@@ -420,7 +477,7 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
     config.errorlog = http_log
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0
-    app = app or AdminApp(view)
+    app = app or AdminApp(view, auth=auth)
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(app, config, shutdown_trigger=shutdown_trigger or trio.sleep_forever, task_status=task_status)
@@ -450,4 +507,4 @@ def _leaves(group: BaseExceptionGroup) -> Any:
             yield e
 
 
-__all__ = ["AdminApp", "ClusterView", "MAX_WORKERS", "MIN_WORKERS", "org_figures", "serve_admin"]
+__all__ = ["AdminApp", "AdminAuth", "ClusterView", "MAX_WORKERS", "MIN_WORKERS", "org_figures", "serve_admin"]

@@ -164,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level, "workers": args.workers, "admin_listen": args.admin,
         "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
         "engine": args.engine, "ray_address": args.ray_address, "workers_per_node": args.workers_per_node,
+        "admin_token": args.admin_token, "admin_auth_reads": True if args.admin_auth_reads else None,
     }
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
     s.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP port: /health /ready /metrics /v1/... "
                    "(default: none)")
+    s.add_argument("--admin-token", metavar="TOKEN", help="bearer token the admin port requires for changes"
+                   " (default: $O7S_ADMIN_TOKEN; none: changes are refused); prefer the environment: flags show in ps")
+    s.add_argument("--admin-auth-reads", action="store_true", help="/metrics and /v1/* reads need the admin token"
+                   " too (/health and /ready stay open)")
     s.add_argument("--drain-timeout", metavar="SECONDS", help="SIGTERM: time open transactions get (default 30)")
     s.add_argument("--machine-id", metavar="N", help="0-127, distinguishes machines in cancel keys (default 0)")
     s.add_argument("--redis-url", metavar="URL", help="shared limits state (default: $REDIS_URL; none: node-local)")

@@ -6,7 +6,9 @@
 
 The admin address is ``--admin HOST:PORT``, else ``$O7S_ADMIN_LISTEN``, else ``admin_listen`` from the TOML
 settings file (``--config`` or ``$O7S_CONFIG``). A wildcard listen address (0.0.0.0, ::) is reached on
-loopback. The client is the standard library's urllib: a CLI that runs a handful of requests needs nothing more.
+loopback. The admin token (``Authorization: Bearer``, needed for ``workers N`` and, with ``admin_auth_reads``, for
+reads) is ``--admin-token``, else ``$O7S_ADMIN_TOKEN``, else ``admin_token`` from the settings file; it is sent with
+every request. The client is the standard library's urllib: a CLI that runs a handful of requests needs nothing more.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ def admin_address(args: argparse.Namespace) -> tuple[str, int]:
     return host, port
 
 
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The token to send: --admin-token, $O7S_ADMIN_TOKEN, else admin_token of the settings file (if one is named)."""
+    UsageError, _ = _errors()
+    token = getattr(args, "admin_token", None) or os.environ.get("O7S_ADMIN_TOKEN")
+    if token:
+        return token.strip()
+    if getattr(args, "config", None) or os.environ.get("O7S_CONFIG"):
+        try:
+            return load_settings(getattr(args, "config", None)).admin_token
+        except ConfigError as e:
+            raise UsageError(f"cannot read the admin token from the settings: {e}") from None
+    return None
+
+
 def _url(host: str, port: int, path: str) -> str:
     h = f"[{host}]" if ":" in host else host
     return f"http://{h}:{port}{path}"
@@ -66,8 +82,11 @@ def request(args: argparse.Namespace, method: str, path: str, body: Any = None,
     host, port = admin_address(args)
     url = _url(host, port, path)
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"content-type": "application/json"} if data is not None else {})
+    headers = {"content-type": "application/json"} if data is not None else {}
+    token = admin_token(args)
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
             status, raw, ctype = resp.status, resp.read(), resp.headers.get("content-type", "")
@@ -183,6 +202,8 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
                       help="the admin port (default: $O7S_ADMIN_LISTEN, else admin_listen in the settings)")
     conn.add_argument("--config", metavar="PATH", help="TOML settings file to read admin_listen from"
                       " (default: $O7S_CONFIG)")
+    conn.add_argument("--admin-token", metavar="TOKEN", help="the admin port's bearer token (default:"
+                      " $O7S_ADMIN_TOKEN, else admin_token in the settings); prefer the environment")
     conn.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="default 30")
 
     def cmd(name: str, fn: Any, help: str) -> argparse.ArgumentParser:

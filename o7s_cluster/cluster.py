@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -91,10 +92,11 @@ class Supervisor:
                 for index in range(self.target):
                     await self._spawn(index)
                 if self.settings.admin_listen:
-                    from o7s_cluster.admin import serve_admin
+                    from o7s_cluster.admin import AdminAuth, serve_admin
 
                     host, port = parse_listen(self.settings.admin_listen)
-                    await nursery.start(serve_admin, host, port, self)
+                    auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
+                    await nursery.start(partial(serve_admin, auth=auth), host, port, self)
                 nursery.start_soon(self._signals)
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()

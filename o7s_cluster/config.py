@@ -42,6 +42,10 @@ class Settings:
     # --- cluster (supervisor and workers) ---
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     admin_listen: str | None = None  # HOST:PORT of the admin HTTP port; None: no admin port
+    # Bearer token for the admin port's state-changing requests (None: those are refused); with
+    # admin_auth_reads, also for /metrics and /v1/* reads. /health and /ready never need it.
+    admin_token: str | None = field(default=None, repr=False)
+    admin_auth_reads: bool = False
     drain_timeout: float = 30.0  # SIGTERM: how long open transactions may take to finish
     machine_id: int = 0  # 0-127, encoded in the BackendKeyData O7s hands out
     run_dir: str | None = None  # where workers' Unix sockets live (default: a fresh temp dir)
@@ -70,6 +74,9 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECRETS = frozenset(("platform_dsn", "secret_key", "redis_url", "mongodb_url", "admin_token"))
+MIN_ADMIN_TOKEN = 16  # characters: a token short enough to guess protects nothing
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2, "gb": 1024**3, "gib": 1024**3}
@@ -115,7 +122,7 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"expected a whole number, got {value!r}")
         return int(value)
-    if name == "usage_sink_postgres":
+    if name in ("usage_sink_postgres", "admin_auth_reads"):
         if isinstance(value, bool):
             return value
         v = str(value).strip().lower()
@@ -130,7 +137,7 @@ def _convert(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key", "admin_listen", "run_dir", "redis_url",
-                "mongodb_url", "ray_address"):
+                "mongodb_url", "ray_address", "admin_token"):
         return value.strip() or None
     return value.strip()
 
@@ -151,7 +158,7 @@ def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> No
         except ValueError as e:
             if isinstance(e, ConfigError):
                 raise
-            shown = "" if name in ("platform_dsn", "secret_key", "redis_url", "mongodb_url") else f": {e}"
+            shown = "" if name in _SECRETS else f": {e}"
             raise ConfigError(f"{origin}: invalid {key}{shown}") from None
 
 
@@ -178,6 +185,12 @@ def _validate(s: Settings) -> None:
             parse_listen(s.admin_listen)
         except ValueError as e:
             raise ConfigError(f"admin_listen: {e}") from None
+    if s.admin_token is not None:
+        if len(s.admin_token) < MIN_ADMIN_TOKEN or not _TOKEN_CHARS.fullmatch(s.admin_token):
+            raise ConfigError(f"admin_token must be at least {MIN_ADMIN_TOKEN} visible ASCII characters"
+                              " (e.g. `openssl rand -hex 32`)")
+    elif s.admin_auth_reads:
+        raise ConfigError("admin_auth_reads needs an admin_token")
     for name in ("drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0")

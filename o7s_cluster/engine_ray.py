@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import ray
@@ -252,10 +253,11 @@ class RayCluster:
             if not self.machines:
                 raise RuntimeError("the Ray cluster has no alive node")
             if self.settings.admin_listen:
-                from o7s_cluster.admin import serve_admin
+                from o7s_cluster.admin import AdminAuth, serve_admin
 
                 host, port = parse_listen(self.settings.admin_listen)
-                await nursery.start(serve_admin, host, port, self)
+                auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
+                await nursery.start(partial(serve_admin, auth=auth), host, port, self)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._monitor)
             await self._stopped.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
 import time
@@ -20,7 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from o7s_cluster import cli
-from o7s_cluster.admin import AdminApp, serve_admin
+from o7s_cluster.admin import AdminApp, AdminAuth, serve_admin
 from o7s_cluster.metrics import WorkerMetrics
 
 
@@ -90,12 +91,20 @@ def view() -> InProcessCluster:
     return v
 
 
+TOKEN = "test-admin-token-0123456789"
+
+
 class Admin:
-    def __init__(self, host: str, port: int, app: AdminApp) -> None:
+    def __init__(self, host: str, port: int, app: AdminApp, token: str | None = TOKEN) -> None:
         self.host, self.port, self.app = host, port, app
         self.url = f"http://{host}:{port}"
+        self.token = token
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """A request with the admin token unless the caller gives its own headers."""
+        if self.token is not None and "headers" not in kw:
+            kw["headers"] = {"authorization": f"Bearer {self.token}"}
+
         def go() -> httpx.Response:
             with httpx.Client(base_url=self.url, timeout=10) as c:
                 return c.request(method, path, **kw)
@@ -117,8 +126,9 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(view: InProcessCluster) -> AsyncIterator[Admin]:
-    app = AdminApp(view, rate_interval=0.3)
+async def admin(view: InProcessCluster, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Admin]:
+    monkeypatch.setenv("O7S_ADMIN_TOKEN", TOKEN)  # what `o7s ctl` sends
+    app = AdminApp(view, rate_interval=0.3, auth=AdminAuth(TOKEN))
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(lambda task_status: serve_admin(
             "127.0.0.1", 0, view, app=app, task_status=task_status))
@@ -410,3 +420,171 @@ async def test_ctl_unreachable_is_one_line(capsys: pytest.CaptureFixture[str], m
                                " or admin_listen\n")
     rc, out, err = await ctl(capsys, "ctl", "workers", "--admin", "nonsense")
     assert rc == 2 and err == "o7s: error: --admin: expected HOST:PORT, got 'nonsense'\n"
+
+
+# ---------------------------------------------------------------------------------------------- authentication
+
+
+async def test_changes_need_the_bearer_token(admin: Admin, view: InProcessCluster) -> None:
+    for headers in ({}, {"authorization": "Bearer wrong-token-wrong-token"}, {"authorization": TOKEN},
+                    {"authorization": f"Basic {TOKEN}"}, {"authorization": f"Bearer {TOKEN}x"}):
+        r = await admin.request("POST", "/v1/workers", json={"count": 3}, headers=headers)
+        assert r.status_code == 401, headers
+        assert r.headers["www-authenticate"] == 'Bearer realm="o7s-admin"'
+        assert "admin token" in r.json()["error"] and TOKEN not in r.text
+    # Refused before routing: an unknown path or method tells an anonymous client nothing either.
+    assert (await admin.request("POST", "/v1/nothing", headers={})).status_code == 401
+    assert (await admin.request("DELETE", "/v1/orgs/acme", headers={})).status_code == 401
+    assert view.scale_calls == [] and admin.app.auth_failures == 7
+    r = await admin.request("POST", "/v1/workers", json={"count": 3}, headers={"authorization": f"bearer  {TOKEN}"})
+    assert r.status_code == 200 and view.scale_calls == [3]
+    # Reads stay open (admin_auth_reads is off), probes always.
+    for path in ("/health", "/ready", "/metrics", "/v1/cluster", "/v1/orgs/acme"):
+        assert (await admin.request("GET", path, headers={})).status_code == 200, path
+
+
+async def test_without_a_token_changes_are_refused(view: InProcessCluster) -> None:
+    app = AdminApp(view)  # no token configured
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(lambda task_status: serve_admin(
+            "127.0.0.1", 0, view, app=app, task_status=task_status))
+        client = Admin(host, port, app)  # sends TOKEN: no token is accepted when none is configured
+        r = await client.request("POST", "/v1/workers", json={"count": 3})
+        assert r.status_code == 403 and "no admin token is configured" in r.json()["error"]
+        r = await client.request("POST", "/v1/workers", json={"count": 3}, headers={})
+        assert r.status_code == 403
+        assert view.scale_calls == []
+        assert (await client.get("/v1/cluster")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_auth_reads_protects_metrics_but_not_probes(view: InProcessCluster) -> None:
+    auth = AdminAuth(TOKEN, reads=True)
+    app = AdminApp(view, auth=lambda: auth)  # a callable: read on every request (SIGHUP rotation)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(lambda task_status: serve_admin(
+            "127.0.0.1", 0, view, app=app, task_status=task_status))
+        client = Admin(host, port, app)
+        for path in ("/metrics", "/v1/cluster", "/v1/orgs/acme"):
+            assert (await client.request("GET", path, headers={})).status_code == 401, path
+            assert (await client.request("HEAD", path, headers={})).status_code == 401, path
+            assert (await client.get(path)).status_code == 200, path
+        for path in ("/health", "/ready", "/health/"):
+            assert (await client.request("GET", path, headers={})).status_code == 200, path
+        auth = AdminAuth("a-rotated-token-0123456789", reads=True)
+        assert (await client.get("/metrics")).status_code == 401
+        nursery.cancel_scope.cancel()
+
+
+def test_admin_token_settings() -> None:
+    from o7s_cluster.config import ConfigError, load_settings
+
+    s = load_settings(env={"O7S_ADMIN_TOKEN": TOKEN, "O7S_ADMIN_AUTH_READS": "true"})
+    assert (s.admin_token, s.admin_auth_reads) == (TOKEN, True)
+    assert TOKEN not in repr(s)
+    assert load_settings(env={}, overrides={"admin_token": TOKEN}).admin_auth_reads is False
+    with pytest.raises(ConfigError, match="at least 16") as info:
+        load_settings(env={"O7S_ADMIN_TOKEN": "short"})
+    assert "short" not in str(info.value)
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_settings(env={"O7S_ADMIN_TOKEN": "sixteen chars with spaces"})
+    with pytest.raises(ConfigError, match="needs an admin_token"):
+        load_settings(env={"O7S_ADMIN_AUTH_READS": "1"})
+
+
+async def test_ctl_sends_the_token(admin: Admin, view: InProcessCluster, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    where = ("--admin", f"127.0.0.1:{admin.port}")
+    monkeypatch.delenv("O7S_ADMIN_TOKEN")
+    monkeypatch.delenv("O7S_CONFIG", raising=False)
+    rc, out, err = await ctl(capsys, "ctl", "workers", "3", *where)
+    assert rc == 1 and err.startswith("o7s: error: POST /v1/workers: HTTP 401: this admin request needs the admin token")
+    rc, out, err = await ctl(capsys, "ctl", "workers", "3", "--admin-token", "not-the-token-0123456789", *where)
+    assert rc == 1 and "HTTP 401" in err and view.scale_calls == []
+    conf = tmp_path / "o7s.toml"
+    conf.write_text(f'admin_token = "{TOKEN}"\n')
+    rc, out, err = await ctl(capsys, "ctl", "workers", "3", "--config", str(conf), *where)
+    assert (rc, out, err) == (0, "worker count set to 3\n", "")
+    rc, out, err = await ctl(capsys, "ctl", "workers", "2", "--admin-token", TOKEN, *where)
+    assert rc == 0 and view.scale_calls == [3, 2]
+
+
+# ---------------------------------------------------------------------------------------------- a real `o7s serve`
+
+
+def _http(method: str, url: str, token: str | None = None, **kw: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(method, url, headers=headers, timeout=10, **kw)
+
+
+def _ctl_env(env: dict[str, str], admin: int, token: str | None) -> dict[str, str]:
+    out = {k: v for k, v in env.items() if k not in ("O7S_ADMIN_TOKEN", "O7S_CONFIG")}
+    out["O7S_ADMIN_LISTEN"] = f"127.0.0.1:{admin}"
+    if token:
+        out["O7S_ADMIN_TOKEN"] = token
+    return out
+
+
+def _wait_workers(url: str, n: int, token: str | None = None) -> None:
+    deadline = time.monotonic() + 20
+    while sum(w["state"] == "up" for w in _http("GET", f"{url}/v1/cluster", token).json()["workers"]) != n:
+        assert time.monotonic() < deadline, "workers did not come up"
+        time.sleep(0.1)
+
+
+def test_serve_admin_token_scaling_scrape_and_rotation(migrated, tmp_path) -> None:
+    from conftest import free_port, run_o7s, start_proxy, stop_proxy
+
+    admin = free_port()
+    url = f"http://127.0.0.1:{admin}"
+    config = tmp_path / "o7s.toml"
+    old, new = "first-admin-token-0123456789", "rotated-admin-token-9876543210"
+    config.write_text(f'admin_token = "{old}"\nadmin_auth_reads = true\n')
+    p = start_proxy(migrated, tmp_path, "--workers", "1", "--admin", f"127.0.0.1:{admin}", "--config", str(config))
+    try:
+        deadline = time.monotonic() + 20
+        while _http("GET", f"{url}/ready").status_code != 200:  # probes need no token
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert _http("GET", f"{url}/health").status_code == 200
+        # Prometheus with `authorization: {credentials: ...}` in its scrape config: a bearer token.
+        assert _http("GET", f"{url}/metrics").status_code == 401
+        scrape = _http("GET", f"{url}/metrics", old)
+        assert scrape.status_code == 200 and "o7s_workers_target" in scrape.text
+        r = _http("POST", f"{url}/v1/workers", json={"count": 2})
+        assert r.status_code == 401
+        out = run_o7s(_ctl_env(migrated, admin, None), "ctl", "workers", "2", check=False)
+        assert out.returncode == 1 and "HTTP 401" in out.stderr and old not in out.stderr
+        out = run_o7s(_ctl_env(migrated, admin, old), "ctl", "workers", "2")
+        assert out.stdout == "worker count set to 2\n"
+        _wait_workers(url, 2, old)
+        # SIGHUP rotates the token: the old one stops working, the new one works.
+        config.write_text(f'admin_token = "{new}"\nadmin_auth_reads = true\n')
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _http("GET", f"{url}/v1/cluster", old).status_code != 401:
+            assert time.monotonic() < deadline, "the token was not rotated"
+            time.sleep(0.1)
+        assert run_o7s(_ctl_env(migrated, admin, new), "ctl", "workers", "1").returncode == 0
+        _wait_workers(url, 1, new)
+    finally:
+        stop_proxy(p)
+
+
+def test_serve_without_a_token_refuses_changes(migrated, tmp_path) -> None:
+    from conftest import free_port, run_o7s, start_proxy, stop_proxy
+
+    admin = free_port()
+    url = f"http://127.0.0.1:{admin}"
+    p = start_proxy(_ctl_env(migrated, admin, None), tmp_path, "--workers", "1", "--admin", f"127.0.0.1:{admin}")
+    try:
+        deadline = time.monotonic() + 20
+        while _http("GET", f"{url}/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert _http("GET", f"{url}/metrics").status_code == 200  # reads are open by default
+        out = run_o7s(_ctl_env(migrated, admin, "any-token-at-all-0123456789"), "ctl", "workers", "2", check=False)
+        assert out.returncode == 1 and "HTTP 403" in out.stderr and "no admin token is configured" in out.stderr
+        assert len(_http("GET", f"{url}/v1/cluster").json()["workers"]) == 1
+    finally:
+        stop_proxy(p)

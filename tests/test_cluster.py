@@ -191,14 +191,16 @@ def test_metrics_parse_and_count_the_queries_run(cluster, make_org):
 
 def test_scale_2_to_3_moves_about_a_third_and_open_sessions_survive(migrated, tmp_path_factory, orgs):
     admin = free_port()
-    p = start_proxy(migrated, tmp_path_factory.mktemp("scale"), "--workers", "2", "--admin", f"127.0.0.1:{admin}")
+    token = {"O7S_ADMIN_TOKEN": "scale-test-admin-token"}  # scaling needs the admin token
+    p = start_proxy({**migrated, **token}, tmp_path_factory.mktemp("scale"), "--workers", "2",
+                    "--admin", f"127.0.0.1:{admin}")
     url = f"http://127.0.0.1:{admin}"
     try:
         wait_ready(url)
         open_sessions = [psycopg.connect(p.dsn(o), autocommit=True) for o in orgs.values()]
         for c in open_sessions:
             c.execute("select 1")
-        env = dict(migrated, O7S_ADMIN_LISTEN=f"127.0.0.1:{admin}")
+        env = dict(migrated, O7S_ADMIN_LISTEN=f"127.0.0.1:{admin}", **token)
         out = subprocess.run([sys.executable, "-m", "o7s_cluster", "ctl", "workers", "3"], env=env,
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr

@@ -122,7 +122,8 @@ def ray_proxy(migrated, orgs, tmp_path_factory):
     try:
         nodes.start()
         admin = free_port()
-        env = {**migrated, "RAY_TMPDIR": nodes.tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**migrated, "RAY_TMPDIR": nodes.tmp, "RAY_USAGE_STATS_ENABLED": "0",
+               "O7S_ADMIN_TOKEN": "ray-test-admin-token"}  # `o7s ctl workers` sends it
         proxy = start_proxy(env, tmp_path_factory.mktemp("ray"), "--engine", "ray", "--ray-address", nodes.address,
                             "--workers-per-node", str(PER_NODE), "--admin", f"127.0.0.1:{admin}",
                             "--drain-timeout", "3")
