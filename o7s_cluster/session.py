@@ -30,6 +30,7 @@ from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ProtocolViolation
 from o7s_cluster.pgwire.framing import (
     FRONTEND_TYPES,
+    NEWEST_PROTOCOL,
     CancelRequest,
     GSSENCRequest,
     MessageReader,
@@ -427,6 +428,8 @@ class Session:
         if self._pending:
             self.creader.feed(self._pending)
             self._pending = b""
+        if packet.needs_negotiation:  # protocol 3.2 (libpq 18) or _pq_ options: go on in 3.0, as PostgreSQL does
+            await self._send_client(m.negotiate_protocol_version(NEWEST_PROTOCOL, list(packet.protocol_options)))
         await self._login(packet.params)
         return True
 

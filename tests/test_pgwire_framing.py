@@ -12,6 +12,7 @@ from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ProtocolViolation
 from o7s_cluster.pgwire.framing import (
     MAX_STARTUP_PACKET,
+    PROTOCOL_3_0,
     CancelRequest,
     GSSENCRequest,
     MessageReader,
@@ -59,6 +60,41 @@ def test_startup_message_round_trip() -> None:
     assert parsed.params == {"user": "alice.acme", "database": "db", "application_name": "x"}
 
 
+def _startup(version: int, body: bytes) -> bytes:
+    return struct.pack("!ii", 8 + len(body), version) + body
+
+
+def test_protocol_3_0_needs_no_negotiation() -> None:
+    parsed = parse_startup(m.startup_message({"user": "u"}))
+    assert isinstance(parsed, StartupMessage)
+    assert (parsed.minor, parsed.protocol_options, parsed.needs_negotiation) == (0, {}, False)
+
+
+@pytest.mark.parametrize("minor", [1, 2, 0xFFFF])
+def test_a_newer_minor_version_is_parsed_for_negotiation(minor: int) -> None:
+    parsed = parse_startup(_startup((3 << 16) | minor, b"user\x00u\x00database\x00d\x00\x00"))
+    assert isinstance(parsed, StartupMessage)
+    assert parsed.minor == minor and parsed.needs_negotiation
+    assert parsed.params == {"user": "u", "database": "d"} and parsed.protocol_options == {}
+
+
+def test_protocol_options_are_not_settings() -> None:
+    body = b"user\x00u\x00_pq_.compression\x00on\x00application_name\x00a\x00_pq_.x\x00\x00\x00"
+    parsed = parse_startup(_startup(PROTOCOL_3_0, body))
+    assert isinstance(parsed, StartupMessage)
+    assert parsed.params == {"user": "u", "application_name": "a"}
+    assert parsed.protocol_options == {"_pq_.compression": "on", "_pq_.x": ""}
+    assert parsed.minor == 0 and parsed.needs_negotiation
+
+
+def test_negotiate_protocol_version_encoding() -> None:
+    # PostgreSQL's SendNegotiateProtocolVersion: 'v', length, PG_PROTOCOL_LATEST (the whole version code),
+    # the number of unrecognised options, then each name NUL-terminated.
+    assert m.negotiate_protocol_version(PROTOCOL_3_0, []) == b"v" + struct.pack("!iii", 12, PROTOCOL_3_0, 0)
+    raw = m.negotiate_protocol_version(PROTOCOL_3_0, ["_pq_.a", "_pq_.bc"])
+    assert raw == b"v" + struct.pack("!iii", 4 + 8 + 7 + 8, PROTOCOL_3_0, 2) + b"_pq_.a\x00_pq_.bc\x00"
+
+
 def test_special_startup_packets() -> None:
     assert isinstance(parse_startup(m.ssl_request()), SSLRequest)
     assert isinstance(parse_startup(struct.pack("!ii", 8, 80877104)), GSSENCRequest)
@@ -68,6 +104,8 @@ def test_special_startup_packets() -> None:
 
 @pytest.mark.parametrize("packet, match", [
     (struct.pack("!ii", 8, 0x00020000), "unsupported frontend protocol 2.0"),
+    (struct.pack("!ii", 8, 0x00040002), "unsupported frontend protocol 4.2"),
+    (struct.pack("!ii", 8, -0x10000 + 5), "unsupported frontend protocol 65535.5"),
     (struct.pack("!ii", 12, 196608) + b"user", "NUL"),
     (struct.pack("!ii", 15, 196608) + b"user\x00\x00\x00", "user name"),
     (struct.pack("!ii", 15, 196608) + b"a\x00b\x00c\x00\x00", "without a value"),
@@ -148,7 +186,7 @@ def test_fuzz_message_parsers(data: bytes) -> None:
                        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40),
                        max_size=8))
 def test_fuzz_startup_round_trip(params: dict[str, str]) -> None:
-    params = {**params, "user": "u"}
+    params = {**{k: v for k, v in params.items() if not k.startswith("_pq_.")}, "user": "u"}
     pkt = m.startup_message(params)
     if len(pkt) > MAX_STARTUP_PACKET:
         return

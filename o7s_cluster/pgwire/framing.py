@@ -13,6 +13,10 @@ SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 PROTOCOL_3_0 = 196608
+PROTOCOL_MAJOR = 3  # the only major version there is (2.0 is long gone from PostgreSQL too)
+NEWEST_MINOR = 0  # the newest 3.x O7s speaks: a client asking for more is answered NegotiateProtocolVersion
+NEWEST_PROTOCOL = (PROTOCOL_MAJOR << 16) | NEWEST_MINOR
+PROTOCOL_OPTION_PREFIX = "_pq_."  # startup parameters that are protocol extensions, not settings
 
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!ci")
@@ -85,10 +89,21 @@ def startup_length(head: bytes) -> int:
 
 
 class StartupMessage:
-    __slots__ = ("params",)
+    """A StartupMessage: its settings (`params`), the protocol 3.x minor version the client asked for, and the
+    protocol options (`_pq_.*`) it sent, which are not settings and none of which O7s knows."""
 
-    def __init__(self, params: dict[str, str]) -> None:
+    __slots__ = ("params", "minor", "protocol_options")
+
+    def __init__(self, params: dict[str, str], minor: int = 0, protocol_options: dict[str, str] | None = None) -> None:
         self.params = params
+        self.minor = minor
+        self.protocol_options = protocol_options or {}
+
+    @property
+    def needs_negotiation(self) -> bool:
+        """PostgreSQL answers NegotiateProtocolVersion when the client asked for a newer minor version or sent
+        protocol options it does not know (ProcessStartupPacket); the session then goes on in 3.NEWEST_MINOR."""
+        return self.minor > NEWEST_MINOR or bool(self.protocol_options)
 
 
 class SSLRequest:
@@ -124,8 +139,8 @@ def parse_startup(packet: bytes) -> StartupPacket:
             raise ProtocolViolation("malformed cancel request")
         pid, secret = struct.unpack_from("!ii", packet, 8)
         return CancelRequest(pid, secret)
-    if code != PROTOCOL_3_0:
-        major, minor = code >> 16, code & 0xFFFF
+    major, minor = (code >> 16) & 0xFFFF, code & 0xFFFF
+    if major != PROTOCOL_MAJOR:
         raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}: server supports 3.0")
     body = packet[8:]
     if not body.endswith(b"\x00"):
@@ -136,17 +151,18 @@ def parse_startup(packet: bytes) -> StartupPacket:
     if len(fields) % 2:
         raise ProtocolViolation("startup packet has a key without a value")
     params: dict[str, str] = {}
+    options: dict[str, str] = {}
     try:
         for i in range(0, len(fields), 2):
             key = fields[i].decode()
             if not key:
                 raise ProtocolViolation("empty startup parameter name")
-            params[key] = fields[i + 1].decode()
+            (options if key.startswith(PROTOCOL_OPTION_PREFIX) else params)[key] = fields[i + 1].decode()
     except UnicodeDecodeError:
         raise ProtocolViolation("startup packet is not valid UTF-8") from None
     if "user" not in params or not params["user"]:
         raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
-    return StartupMessage(params)
+    return StartupMessage(params, minor, options)
 
 
 def read_cstring(data: bytes, pos: int) -> tuple[bytes, int]:

@@ -51,6 +51,17 @@ def auth_sasl_final(data: bytes) -> bytes:
     return _msg(b"R", _I32.pack(12) + data)
 
 
+def negotiate_protocol_version(newest: int, unrecognised: list[str]) -> bytes:
+    """NegotiateProtocolVersion ('v'): the newest protocol version the server speaks and the protocol options
+    (`_pq_.*`) it did not recognise; the client goes on with that version, without those options.
+
+    `newest` is the whole version code (major << 16 | minor): the documentation speaks of "the newest minor
+    version", but PostgreSQL sends PG_PROTOCOL_LATEST, and libpq compares it as a whole version.
+    """
+    return _msg(b"v", _I32.pack(newest) + _I32.pack(len(unrecognised))
+                + b"".join(_cstr(name) for name in unrecognised))
+
+
 def parameter_status(name: str, value: str) -> bytes:
     return _msg(b"S", _cstr(name) + _cstr(value))
 
