@@ -1,3 +1,3 @@
-from o7s_cluster.cli import main
+from o7s_cluster.cli.main import main
 
 raise SystemExit(main())

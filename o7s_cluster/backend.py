@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import trio
 
-from o7s_cluster.dsn import BackendTarget
+from o7s_cluster.control_plane.dsn import BackendTarget
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, ProtocolViolation
 from o7s_cluster.pgwire.framing import MessageReader

@@ -92,7 +92,7 @@ class Supervisor:
                 for index in range(self.target):
                     await self._spawn(index)
                 if self.settings.admin_listen:
-                    from o7s_cluster.admin import AdminAuth, serve_admin
+                    from o7s_cluster.admin.http import AdminAuth, serve_admin
 
                     host, port = parse_listen(self.settings.admin_listen)
                     auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token

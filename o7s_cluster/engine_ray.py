@@ -253,7 +253,7 @@ class RayCluster:
             if not self.machines:
                 raise RuntimeError("the Ray cluster has no alive node")
             if self.settings.admin_listen:
-                from o7s_cluster.admin import AdminAuth, serve_admin
+                from o7s_cluster.admin.http import AdminAuth, serve_admin
 
                 host, port = parse_listen(self.settings.admin_listen)
                 auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token

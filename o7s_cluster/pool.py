@@ -11,7 +11,7 @@ import trio
 
 from o7s_cluster import backend
 from o7s_cluster.backend import BackendConn, BackendError
-from o7s_cluster.dsn import BackendTarget
+from o7s_cluster.control_plane.dsn import BackendTarget
 from o7s_cluster.pgwire.errors import POOL_TIMEOUT
 
 log = logging.getLogger("o7s.pool")

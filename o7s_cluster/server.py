@@ -14,9 +14,9 @@ import trio
 
 from o7s_cluster import logs
 from o7s_cluster.affinity import COUNTER_BITS, make_pid, split_pid
-from o7s_cluster.catalog import OrgLogin, TrioCatalog
+from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.config import Settings
-from o7s_cluster.metrics import WorkerMetrics
+from o7s_cluster.admin.metrics import WorkerMetrics
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.session import ClientError, Session

@@ -23,7 +23,7 @@ import trio
 
 from o7s_cluster.backend import BackendConn, BackendError, send_cancel
 from o7s_cluster.limits import Bucket, LimitError, Ticket
-from o7s_cluster.metrics import OrgMetrics
+from o7s_cluster.admin.metrics import OrgMetrics
 from o7s_cluster.usage import UsageCounters
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
@@ -44,7 +44,7 @@ from o7s_cluster.pgwire.clienthello import MAX_CLIENT_HELLO, NeedMore, org_from_
 from o7s_cluster.pgwire.scram import ScramError, ScramServer
 
 if TYPE_CHECKING:
-    from o7s_cluster.catalog import OrgLogin
+    from o7s_cluster.control_plane.catalog import OrgLogin
     from o7s_cluster.pool import Pool
     from o7s_cluster.server import Server
 

@@ -24,14 +24,14 @@ import trio
 from o7s_cluster import logs
 from o7s_cluster.affinity import home_worker
 from o7s_cluster.cancelbus import CancelBus
-from o7s_cluster.catalog import TrioCatalog
+from o7s_cluster.control_plane.catalog import TrioCatalog
 from o7s_cluster.config import Settings
 from o7s_cluster.limits import Limits
 from o7s_cluster.usage import UsageRecorder
-from o7s_cluster.metrics import WorkerMetrics
+from o7s_cluster.admin.metrics import WorkerMetrics
 from o7s_cluster.server import Server
 from o7s_cluster.session import Session
-from o7s_cluster.vault import Vault
+from o7s_cluster.control_plane.vault import Vault
 
 log = logging.getLogger("o7s.worker")
 

@@ -20,9 +20,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from o7s_cluster import cli
-from o7s_cluster.admin import AdminApp, AdminAuth, serve_admin
-from o7s_cluster.metrics import WorkerMetrics
+from o7s_cluster.admin.http import AdminApp, AdminAuth, serve_admin
+from o7s_cluster.admin.metrics import WorkerMetrics
+from o7s_cluster.cli import main as cli
 
 
 class InProcessCluster:

@@ -1,4 +1,4 @@
-"""billing.py against hand-computed invoices (each tier), the seed's 100-tenant scenario, and `o7s bill`/`o7s usage`."""
+"""usage/billing.py against hand-computed invoices (each tier), the seed's 100-tenant scenario, and `o7s bill`/`o7s usage`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from conftest import run_o7s
-from o7s_cluster.billing import (
+from o7s_cluster.usage.billing import (
     SEED_TIERS, OrgUsage, allocate, build_bill, gross_margin, invoice, metered_cost, month_bounds,
 )
 from o7s_cluster.usage import estimate

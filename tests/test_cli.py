@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from o7s_cluster.cli import main
+from o7s_cluster.cli.main import main
 from tests.conftest import create_backend_db, run_o7s
 
 SECRET_BACKEND_PW = "Backend-" + secrets.token_urlsafe(8)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from o7s_cluster.dsn import BackendTarget, parse_dsn
+from o7s_cluster.control_plane.dsn import BackendTarget, parse_dsn
 
 
 def test_uri_form():

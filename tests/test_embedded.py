@@ -7,11 +7,11 @@ import socket
 import psycopg
 import trio
 
-from o7s_cluster.catalog import Admin, TrioCatalog
+from o7s_cluster.control_plane.catalog import Admin, TrioCatalog
 from o7s_cluster.config import Settings
-from o7s_cluster.embedded import EmbeddedPostgres, embedded_platform
+from o7s_cluster.control_plane.embedded import EmbeddedPostgres, embedded_platform
 from o7s_cluster.pgwire.scram import make_verifier, parse_verifier
-from o7s_cluster.vault import Vault, generate_key
+from o7s_cluster.control_plane.vault import Vault, generate_key
 
 
 def _listening(port: int) -> bool:

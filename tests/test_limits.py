@@ -17,12 +17,12 @@ import redis
 import trio
 import trio.testing
 
-from o7s_cluster.catalog import TierLimits
+from o7s_cluster.control_plane.catalog import TierLimits
 from o7s_cluster.config import Settings
 from o7s_cluster.limits import (
     TIER_CHANNEL, Bucket, LimitError, Limits, parse_tier_message, tier_message,
 )
-from o7s_cluster.tiercache import TierCache, org_key, publish_tier_change
+from o7s_cluster.limits.tiers import TierCache, org_key, publish_tier_change
 
 FREE = TierLimits("free", 5, 10, 1, 3, 1000, 5000, "4MB", False)
 STARTER = TierLimits("starter", 10, 50, 10, 5, 1000, 15000, "8MB", True)

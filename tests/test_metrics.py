@@ -9,7 +9,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from o7s_cluster.metrics import (
+from o7s_cluster.admin.metrics import (
     CONTENT_TYPE,
     LATENCY_BUCKETS,
     OTHER,
@@ -71,7 +71,7 @@ def test_hot_path_has_fixed_shape_and_does_not_grow() -> None:
     finally:
         tracemalloc.stop()
     grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0 and
-                s.traceback[0].filename.endswith("o7s_cluster/metrics.py"))
+                s.traceback[0].filename.endswith("o7s_cluster/admin/metrics.py"))
     assert grown < 1024, f"the hot path retained {grown} bytes"
     assert m.queries == 50_000 and sum(m.latency_counts) == 50_000
 

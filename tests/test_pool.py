@@ -8,7 +8,7 @@ import trio
 
 from conftest import admin_dsn, create_backend_db
 from o7s_cluster.backend import BackendError
-from o7s_cluster.dsn import parse_dsn
+from o7s_cluster.control_plane.dsn import parse_dsn
 from o7s_cluster.pool import Pool, PoolSettings, PoolTimeout
 
 

@@ -45,7 +45,7 @@ def test_engine_settings_are_checked():
 
 
 def test_local_engine_does_not_import_ray():
-    code = ("import sys; from o7s_cluster import cli, server, cluster, worker; "
+    code = ("import sys; from o7s_cluster import server, cluster, worker; from o7s_cluster.cli import main as cli; "
             "cli.build_parser().parse_args(['serve', '--engine', 'local']); assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

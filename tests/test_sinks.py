@@ -13,7 +13,7 @@ import trio
 
 from mongo_wire import FakeMongo
 from o7s_cluster.config import Settings
-from o7s_cluster.sinks.mongo import MongoSink, to_document
+from o7s_cluster.usage.sinks.mongo import MongoSink, to_document
 from o7s_cluster.usage import UsageRecord, UsageRecorder, make_sinks
 
 REAL_URL = os.environ.get("O7S_TEST_MONGODB_URL")

@@ -1,4 +1,4 @@
-"""usage.py directly: aggregation, records, spool write/replay, crash safety, the shipper and its sinks."""
+"""the usage package directly: aggregation, records, spool write/replay, crash safety, the shipper and its sinks."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from conftest import admin_dsn
-from o7s_cluster.catalog import migrate
+from o7s_cluster.control_plane.catalog import migrate
 from o7s_cluster.config import Settings
-from o7s_cluster.sinks.postgres import PostgresSink
+from o7s_cluster.usage.sinks.postgres import PostgresSink
 from o7s_cluster.usage import (
     HEAVY_ROWS, UsageCounters, UsageRecord, UsageRecorder, decode_frames, encode_frame, estimate,
 )
@@ -526,8 +526,8 @@ async def test_spools_of_other_sinks_are_never_adopted(tmp_path):
 
 
 def test_sink_keys_carry_no_secret():
-    from o7s_cluster.sinks.mongo import MongoSink
-    from o7s_cluster.sinks.postgres import PostgresSink
+    from o7s_cluster.usage.sinks.mongo import MongoSink
+    from o7s_cluster.usage.sinks.postgres import PostgresSink
 
     pg = PostgresSink("postgresql://o7s:s3cret@db.internal:5433/platform")
     assert pg.key == "postgres:host=db.internal port=5433 dbname=platform user=o7s"

@@ -3,7 +3,7 @@
 import pytest
 from cryptography.fernet import Fernet
 
-from o7s_cluster.vault import Vault, VaultError, generate_key
+from o7s_cluster.control_plane.vault import Vault, VaultError, generate_key
 
 
 def test_round_trip_and_ciphertext_hides_plaintext():

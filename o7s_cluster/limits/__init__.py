@@ -39,10 +39,10 @@ from typing import Any
 
 import trio
 
-from o7s_cluster.catalog import TierLimits
+from o7s_cluster.control_plane.catalog import TierLimits
 from o7s_cluster.config import Settings
 from o7s_cluster.redisconn import REDIS_ERRORS, client as redis_client, redact
-from o7s_cluster.tiercache import TIER_CHANNEL, TierCache, parse_tier_message, tier_message
+from o7s_cluster.limits.tiers import TIER_CHANNEL, TierCache, parse_tier_message, tier_message
 
 __all__ = ["LimitError", "Limits", "Bucket", "Ticket", "TierCache", "TIER_CHANNEL", "tier_message",
            "parse_tier_message", "SQLSTATE_TOO_MANY_CONNECTIONS", "SQLSTATE_RATE_LIMIT"]

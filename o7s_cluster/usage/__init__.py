@@ -396,11 +396,11 @@ class Sink(Protocol):
 def make_sinks(settings: Any) -> list[Sink]:
     sinks: list[Sink] = []
     if getattr(settings, "usage_sink_postgres", False) and getattr(settings, "platform_dsn", None):
-        from o7s_cluster.sinks.postgres import PostgresSink
+        from o7s_cluster.usage.sinks.postgres import PostgresSink
 
         sinks.append(PostgresSink(settings.platform_dsn))
     if getattr(settings, "mongodb_url", None):
-        from o7s_cluster.sinks.mongo import MongoSink
+        from o7s_cluster.usage.sinks.mongo import MongoSink
 
         sinks.append(MongoSink(settings.mongodb_url))
     return sinks

@@ -158,9 +158,9 @@ class WorkerMetrics:
         self.sessions_total = 0  # client sessions started on this worker (after any hand-off)
         self.auth_failures = 0
         self.protocol_errors = 0
-        self.limits_degraded = 0  # 0/1 gauge: Redis unreachable, limits are node-local (set by limits.py)
-        self.usage_spool_bytes = 0  # gauge: bytes in the local usage spool not yet shipped (set by usage.py)
-        self.usage_shipping_lag_seconds = 0.0  # gauge: age of the oldest unshipped usage record (usage.py)
+        self.limits_degraded = 0  # 0/1 gauge: Redis unreachable, limits are node-local (set by limits/)
+        self.usage_spool_bytes = 0  # gauge: bytes in the local usage spool not yet shipped (set by usage/)
+        self.usage_shipping_lag_seconds = 0.0  # gauge: age of the oldest unshipped usage record (usage/)
 
     def org(self, org: str, tier: str) -> OrgMetrics:
         """The OrgMetrics of (org, tier), created on first use. No allocation when it exists."""

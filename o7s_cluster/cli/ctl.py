@@ -28,7 +28,7 @@ MIN_WORKERS, MAX_WORKERS = 1, 64
 
 
 def _errors() -> tuple[type[Exception], type[Exception]]:
-    from o7s_cluster.cli import CommandError, UsageError  # late: cli imports this module while building its parser
+    from o7s_cluster.cli.main import CommandError, UsageError  # late: cli imports this module while building its parser
 
     return UsageError, CommandError
 

@@ -43,7 +43,7 @@ import orjson
 import trio
 
 from o7s_cluster.config import parse_listen
-from o7s_cluster.metrics import (
+from o7s_cluster.admin.metrics import (
     CONTENT_TYPE,
     LATENCY_BUCKETS,
     CounterCarry,

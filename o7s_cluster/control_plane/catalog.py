@@ -23,9 +23,9 @@ import trio
 from psycopg import errors as pgerr
 from psycopg.rows import dict_row
 
-from o7s_cluster.dsn import BackendTarget, parse_dsn, scrub_libpq_error
+from o7s_cluster.control_plane.dsn import BackendTarget, parse_dsn, scrub_libpq_error
 from o7s_cluster.pgwire.scram import make_verifier
-from o7s_cluster.vault import Vault, VaultError
+from o7s_cluster.control_plane.vault import Vault, VaultError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATE_LOCK = 0x07_5C_A7_A1  # pg_advisory_lock key: one migrator at a time

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from o7s_cluster.catalog import TierLimits
+from o7s_cluster.control_plane.catalog import TierLimits
 from o7s_cluster.redisconn import REDIS_ERRORS, client as redis_client
 
 REDIS_TTL = 3600

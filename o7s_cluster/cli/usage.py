@@ -1,6 +1,6 @@
 """`o7s usage ORG` and `o7s bill --period YYYY-MM`: usage reports and invoices from platform.usage_metrics.
 
-Registered into the `o7s` parser by `register(subparsers, common)` (called from cli.build_parser).
+Registered into the `o7s` parser by `register(subparsers, common)` (called from cli.main.build_parser).
 """
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from o7s_cluster import billing
+from o7s_cluster.usage import billing
 
 FORMATS = ("table", "json", "csv")
 _BY = {"window": None, "hour": "hour", "day": "day", "month": "month"}
 
 
 def _errors() -> tuple[type[Exception], type[Exception]]:
-    from o7s_cluster.catalog import CatalogError
-    from o7s_cluster.cli import UsageError
+    from o7s_cluster.control_plane.catalog import CatalogError
+    from o7s_cluster.cli.main import UsageError
 
     return UsageError, CatalogError
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    from o7s_cluster.catalog import _connect as connect
-    from o7s_cluster.cli import _platform_dsn
+    from o7s_cluster.control_plane.catalog import _connect as connect
+    from o7s_cluster.cli.main import _platform_dsn
 
     return connect(_platform_dsn(args))
 

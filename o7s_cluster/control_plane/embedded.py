@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psycopg
 
-from o7s_cluster.catalog import Admin, migrate
+from o7s_cluster.control_plane.catalog import Admin, migrate
 from o7s_cluster.config import Settings
-from o7s_cluster.vault import Vault, generate_key
+from o7s_cluster.control_plane.vault import Vault, generate_key
 
 
 class EmbeddedError(RuntimeError):

@@ -16,10 +16,10 @@ from dataclasses import asdict
 from typing import Any, NoReturn
 
 from o7s_cluster import __version__
-from o7s_cluster.catalog import DB_TYPES, Admin, CatalogError, migrate
+from o7s_cluster.control_plane.catalog import DB_TYPES, Admin, CatalogError, migrate
 from o7s_cluster.config import POOL_MODES, ConfigError, load_settings
-from o7s_cluster.embedded import EmbeddedError
-from o7s_cluster.vault import Vault, VaultError, generate_key
+from o7s_cluster.control_plane.embedded import EmbeddedError
+from o7s_cluster.control_plane.vault import Vault, VaultError, generate_key
 
 
 class UsageError(Exception):
@@ -101,7 +101,7 @@ def cmd_org_set_tier(args: argparse.Namespace) -> int:
     redis_url = os.environ.get("O7S_REDIS_URL") or os.environ.get("REDIS_URL")
     if redis_url:  # every worker of every machine applies it within a second (issue 4)
         from o7s_cluster.redisconn import REDIS_ERRORS
-        from o7s_cluster.tiercache import publish_tier_change
+        from o7s_cluster.limits.tiers import publish_tier_change
 
         try:
             publish_tier_change(redis_url, args.org, admin.show_org(args.org).limits)
@@ -169,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
         from o7s_cluster import server  # the data path; imported only when serving
-        from o7s_cluster.embedded import embedded_platform
+        from o7s_cluster.control_plane.embedded import embedded_platform
 
         with embedded_platform(settings) as (settings, psql_line):
             print(f"O7s embedded mode: a throwaway control plane and a demo org. Connect with:\n  {psql_line}",
@@ -289,10 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers-per-node", metavar="N", help="--engine ray: workers on each node, 1-64 (default:"
                    " the node's CPUs)")
 
-    from o7s_cluster.cli_ctl import register as register_ctl  # `o7s ctl ...`: the admin port's client
+    from o7s_cluster.cli.ctl import register as register_ctl  # `o7s ctl ...`: the admin port's client
 
     register_ctl(sub, common)
-    from o7s_cluster.cli_usage import register as register_usage  # `o7s usage ORG`, `o7s bill --period`
+    from o7s_cluster.cli.usage import register as register_usage  # `o7s usage ORG`, `o7s bill --period`
 
     register_usage(sub, common)
     return p
