@@ -1,4 +1,4 @@
-"""`python -m loadtest compare | sweep | report` — see loadtest/README.md."""
+"""`python -m loadtest compare | sweep | report | pgbench` — see loadtest/README.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadtest import bench, infra, report
+from loadtest import bench, infra, pgbench, report
 
 
 def _mix(s: str) -> dict:
@@ -178,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="offered requests/s to try, comma-separated (%(default)s)")
     r = sub.add_parser("report", help="rewrite REPORT.md and the plots from the JSON in --out")
     r.add_argument("--out", default=str(bench.HERE / "results"))
+    pb = sub.add_parser("pgbench", help="pgbench -S against direct, PgBouncer, a bare trio relay and O7s; "
+                                          "proxy CPU per transaction; writes PGBENCH.md")
+    pgbench.add_arguments(pb)
     a = ap.parse_args(argv)
+    if a.cmd == "pgbench":
+        return pgbench.main(a)
     if a.cmd == "compare":
         return compare(a)
     if a.cmd == "sweep":

@@ -48,11 +48,21 @@ class Options:
         return self.spawn_rate or float(min(self.users, 100))
 
 
-def _proc_table() -> dict[int, tuple[int, str, float]]:
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# /proc/PID/stat after the name, from its 3rd field: utime, stime, cutime, cstime are the 14th-17th
+TICK_FIELDS = {"ticks": (11, 12, 13, 14), "user": (11, 13), "system": (12, 14)}
+
+
+def _proc_table(clock: str = "schedstat") -> dict[int, tuple[int, str, float]]:
     """pid -> (ppid, name, CPU seconds). CPU comes from /proc/PID/schedstat (nanoseconds on a CPU,
     exact), not from utime/stime: this kernel does tick-based accounting with tickless idle, so a
     process that runs in short bursts after waking from idle (a Postgres backend answering one
-    query) is mostly never charged a tick — 1,000 backends show almost no CPU that way."""
+    query) is mostly never charged a tick — 1,000 backends show almost no CPU that way.
+    clock="ticks" reads utime + stime + cutime + cstime from /proc/PID/stat instead ("user":
+    utime + cutime, "system": stime + cstime): every thread
+    (schedstat counts only the main one), and the children it has reaped, so a tree's delta
+    between two snapshots includes processes that came and went in between (PostgreSQL backends
+    of a client that disconnected: the postmaster reaps them)."""
     out: dict[int, tuple[int, str, float]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -60,21 +70,27 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
         try:
             with open(f"/proc/{d}/stat", "rb") as f:
                 st = f.read()
-            with open(f"/proc/{d}/schedstat", "rb") as f:
-                ns = int(f.read().split()[0])
+            if clock == "schedstat":
+                with open(f"/proc/{d}/schedstat", "rb") as f:
+                    ns = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             continue
         lp, rp = st.find(b"("), st.rfind(b")")
         name = st[lp + 1:rp].decode(errors="replace")
-        ppid = int(st[rp + 2:].split()[1])
-        out[int(d)] = (ppid, name, ns / 1e9)
+        fields = st[rp + 2:].split()
+        ppid = int(fields[1])
+        if clock in TICK_FIELDS:
+            cpu = sum(int(fields[i]) for i in TICK_FIELDS[clock]) / CLK_TCK
+        else:
+            cpu = ns / 1e9
+        out[int(d)] = (ppid, name, cpu)
     return out
 
 
-def cpu_snapshot(roots: dict[str, int]) -> dict[str, dict[int, tuple[str, float]]]:
+def cpu_snapshot(roots: dict[str, int], clock: str = "schedstat") -> dict[str, dict[int, tuple[str, float]]]:
     """Per named root, CPU seconds of it and every descendant, per pid; plus the kernel's kdamond
     threads under "kdamond"."""
-    info = _proc_table()
+    info = _proc_table(clock)
     kids: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in info.items():
         kids.setdefault(ppid, []).append(pid)
@@ -340,15 +356,23 @@ def collect(target: str, opts: Options, run_dir: Path, snaps: dict, rc: int, win
     return res
 
 
-def versions(stack: Stack | None = None) -> dict:
-    def cmd(args):
-        try:
-            return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-        except Exception:  # noqa: BLE001
-            return "?"
+def _first_line(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return "?"
 
+
+def versions(stack: Stack | None = None) -> dict:
+    """base_versions() plus Locust's and gevent's (importing locust monkey-patches this process)."""
     import gevent
     import locust
+
+    return {**base_versions(), "locust": locust.__version__, "gevent": gevent.__version__}
+
+
+def base_versions() -> dict:
+    cmd = _first_line
     import psycopg
 
     cpu = "?"
@@ -374,7 +398,7 @@ def versions(stack: Stack | None = None) -> dict:
         "kernel": platform.release(), "python": platform.python_version(),
         "postgres": cmd([str(infra.pg_bindir() / "postgres"), "--version"]),
         "pgbouncer": pgb, "psycopg": psycopg.__version__, "libpq": psycopg.pq.version(),
-        "locust": locust.__version__, "gevent": gevent.__version__, "o7s_commit": git,
+        "o7s_commit": git,
     }
 
 

@@ -373,15 +373,68 @@ class O7s:
                 self.proc.wait()
 
 
-def provision_o7s(pg: Postgres, orgs: list[OrgSpec], platform_db: str = "o7s_platform") -> dict[str, str]:
+def add_tier(pg: Postgres, platform_db: str, name: str, like: str, **limits) -> None:
+    """A tier row in the throwaway control plane: a copy of tier `like` with `limits` changed
+    (e.g. a pool size of N and ceilings no benchmark reaches, so the limiter never throttles)."""
+    with psycopg.connect(pg.admin_dsn(platform_db), autocommit=True) as conn:
+        cur = conn.execute("SELECT * FROM platform.tier_limits WHERE tier = %s", (like,))
+        cols = [d.name for d in cur.description]
+        row = dict(zip(cols, cur.fetchone()))
+        rank = conn.execute("SELECT max(rank) + 1 FROM platform.tier_limits").fetchone()[0]
+        row.update(tier=name, rank=rank, **limits)
+        conn.execute(f"INSERT INTO platform.tier_limits ({', '.join(row)}) VALUES ({', '.join(['%s'] * len(row))})",
+                     list(row.values()))
+
+
+def provision_o7s(pg: Postgres, orgs: list[OrgSpec], platform_db: str = "o7s_platform",
+                  tiers: dict[str, dict] | None = None) -> dict[str, str]:
+    """`o7s migrate`, then `tiers` (name -> add_tier arguments), then `o7s org create` per org."""
     with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {platform_db}")
     env = o7s_env(f"postgresql://postgres@{pg.host}:{pg.port}/{platform_db}?sslmode=disable")
     run_o7s(env, "migrate")
+    for name, spec in (tiers or {}).items():
+        add_tier(pg, platform_db, name, **spec)
     for o in orgs:
         run_o7s(env, "org", "create", o.name, "--tier", o.tier,
                 "--backend", pg.url(o.name, o.password, o.dbname), f"--password={o.password}")
     return env
+
+
+@dataclass
+class BareRelay:
+    """loadtest/bare_relay.py in front of PostgreSQL: 1:1 byte copying on trio.lowlevel, no pooling."""
+
+    workdir: Path
+    backend_host: str
+    backend_port: int
+    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "BareRelay":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        script = Path(__file__).resolve().parent / "bare_relay.py"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--listen", f"{self.host}:{self.port}",
+             "--backend", f"{self.backend_host}:{self.backend_port}"],
+            stdout=open(self.workdir / "bare_relay.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=self.workdir,
+        )
+        wait_port(self.host, self.port, proc=self.proc, what="bare relay")
+        return self
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 def make_workdir(base: str | None = None) -> Path:
