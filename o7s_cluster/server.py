@@ -18,6 +18,7 @@ from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.config import Settings
 from o7s_cluster.admin.metrics import WorkerMetrics
 from o7s_cluster.pgwire import errors as codes
+from o7s_cluster.pgwire.scram import tls_server_end_point
 from o7s_cluster.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.session import ClientError, Session
 
@@ -54,6 +55,7 @@ class Server:
             idle_timeout=settings.server_idle_timeout,
         ))
         self.tls_context = _tls_context(settings)
+        self.tls_end_point = _tls_end_point(settings)  # SCRAM-SHA-256-PLUS binds to this certificate
         # Keys the mock SCRAM exchange for unknown orgs; random per process is enough.
         self.mock_secret = secrets.token_bytes(32)
         self.sessions: dict[int, Session] = {}
@@ -77,7 +79,7 @@ class Server:
         ps.acquire_timeout = settings.pool_timeout
         ps.idle_timeout = settings.server_idle_timeout
         try:
-            self.tls_context = _tls_context(settings)
+            self.tls_context, self.tls_end_point = _tls_context(settings), _tls_end_point(settings)
         except (OSError, ssl.SSLError) as exc:
             log.error("TLS certificate reload failed; keeping the old one", extra={"error": str(exc)})
         logging.getLogger().setLevel(settings.log_level.upper())
@@ -170,6 +172,19 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def _tls_end_point(settings: Settings) -> bytes | None:
+    """tls-server-end-point channel binding data of the certificate clients see: the first one of the file,
+    computed once per TLS context (None without TLS, or for a certificate whose signature has no hash)."""
+    if not settings.tls_cert:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    with open(settings.tls_cert, "rb") as f:
+        cert = x509.load_pem_x509_certificates(f.read())[0]
+    return tls_server_end_point(cert.public_bytes(Encoding.DER))
 
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:

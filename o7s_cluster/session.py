@@ -41,7 +41,7 @@ from o7s_cluster.pgwire.framing import (
     startup_length,
 )
 from o7s_cluster.pgwire.clienthello import MAX_CLIENT_HELLO, NeedMore, org_from_server_name, server_name
-from o7s_cluster.pgwire.scram import ScramError, ScramServer
+from o7s_cluster.pgwire.scram import MECHANISM, MECHANISM_PLUS, ScramChannelBindingError, ScramError, ScramServer
 
 if TYPE_CHECKING:
     from o7s_cluster.control_plane.catalog import OrgLogin
@@ -77,6 +77,7 @@ _DONE_EXECUTE = frozenset((_CMD, _EMPTY, _SUSP))
 MAX_PREPARED_PER_BACKEND = 256   # server-side statements a backend keeps before O7s closes old ones
 MAX_PREPARED_PER_CLIENT = 10000  # named statements one client may hold
 _I32 = struct.Struct("!i")
+_PLUS = MECHANISM_PLUS.encode()
 
 # Parameters the server reports (GUC_REPORT) and a client may change: they follow the client from
 # backend to backend. Read-only reported ones (server_version, is_superuser...) are left alone.
@@ -189,7 +190,7 @@ class Session:
         "unsynced", "tx_status", "statements", "client_params", "skip_until_sync", "org", "login",
         "db_name", "user", "pid", "secret", "transaction_mode", "tls", "_pending", "settings_dirty",
         "_captured", "tls_pending", "handed_off", "draining", "scope", "metrics", "usage", "bucket", "ticket",
-        "_q_rows", "_q_ok", "_attached_at", "skip_forward_sync", "lazy_sync",
+        "_q_rows", "_q_ok", "_attached_at", "skip_forward_sync", "lazy_sync", "cbind",
     )
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str, *, preread: bytes = b"",
@@ -216,6 +217,7 @@ class Session:
         self.secret = 0
         self.transaction_mode = self.settings.pool_mode == "transaction"
         self.tls = False
+        self.cbind: bytes | None = None  # tls-server-end-point data of this TLS connection's certificate
         self._pending = preread  # start-up bytes another worker already read for us
         self.tls_pending = tls_pending  # the SSLRequest was answered 'S' before the hand-off
         self.handed_off = handed_off
@@ -370,7 +372,7 @@ class Session:
             self.creader.feed(data)
 
     async def _start_tls(self) -> None:
-        ctx = self.server.tls_context
+        ctx, self.cbind = self.server.tls_context, self.server.tls_end_point  # one certificate: reloads swap both
         assert ctx is not None
         tls_stream = trio.SSLStream(self.client, ctx, server_side=True)
         await tls_stream.do_handshake()
@@ -527,11 +529,15 @@ class Session:
                 log.exception("control plane lookup failed", extra={"org": self.org})
                 raise ClientError(codes.CONTROL_PLANE_UNAVAILABLE,
                                   "O7s cannot reach its control plane to authenticate you; try again shortly") from None
-        await self._send_client(m.auth_sasl(["SCRAM-SHA-256"]))
+        # On TLS, SCRAM-SHA-256-PLUS first (PostgreSQL's order): channel binding to this certificate.
+        cbind = self.cbind if self.tls else None
+        mechanisms = [MECHANISM_PLUS, MECHANISM] if cbind is not None else [MECHANISM]
+        await self._send_client(m.auth_sasl(mechanisms))
         payload = await self._read_typed(0x70)
         mech, pos = read_cstring(payload, 0)
-        if mech != b"SCRAM-SHA-256":
-            raise ClientError(codes.INVALID_AUTHORIZATION, "O7s supports only SCRAM-SHA-256 authentication")
+        if mech.decode("ascii", "replace") not in mechanisms:
+            raise ClientError(codes.INVALID_AUTHORIZATION, "O7s supports only SCRAM-SHA-256 authentication"
+                              + (" (and SCRAM-SHA-256-PLUS on TLS)" if cbind is not None else ""))
         if len(payload) < pos + 4:
             raise ProtocolViolation("malformed SASLInitialResponse")
         (n,) = _I32.unpack_from(payload, pos)
@@ -541,9 +547,13 @@ class Session:
         failed = ClientError(codes.INVALID_PASSWORD, f"password authentication failed for user \"{self.user}\"")
         try:
             scram = ScramServer(login.verifier if login else None, mock_secret=self.server.mock_secret,
-                                username_hint=self.org)
+                                username_hint=self.org, channel_binding=cbind, plus=mech == _PLUS)
             await self._send_client(m.auth_sasl_continue(scram.handle_client_first(data)))
             final = scram.handle_client_final(await self._read_typed(0x70))
+        except ScramChannelBindingError as exc:  # a downgrade or a binding to another certificate
+            self.server.metrics.auth_failures += 1
+            self.server.usage.auth_failure(self.org)
+            raise ClientError(codes.PROTOCOL_VIOLATION, str(exc)) from None
         except ScramError:
             self.server.metrics.auth_failures += 1
             self.server.usage.auth_failure(self.org)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from o7s_cluster.pgwire.scram import (
+    ScramChannelBindingError,
     ScramClient,
     ScramError,
     ScramServer,
@@ -21,6 +22,7 @@ from o7s_cluster.pgwire.scram import (
     md5_password,
     parse_verifier,
     saslprep,
+    tls_server_end_point,
 )
 from conftest import admin_dsn
 
@@ -195,7 +197,7 @@ def test_gs2_y_accepted_and_checked():
 @pytest.mark.parametrize(
     "first, match",
     [
-        (b"p=tls-server-end-point,,n=,r=abc", "SCRAM-SHA-256-PLUS"),
+        (b"p=tls-server-end-point,,n=,r=abc", "without channel binding"),
         (b"n,a=admin,n=,r=abc", "authzid"),
         (b"n,,m=ext,n=,r=abc", "extension"),
         (b"x,,n=,r=abc", "GS2"),
@@ -237,6 +239,133 @@ def test_out_of_order():
     cli = ScramClient("pw")
     with pytest.raises(ScramError):
         cli.verify_server_final(b"v=AAAA")
+
+
+# ---------------------------------------------------------------- channel binding (SCRAM-SHA-256-PLUS)
+
+CBIND = hashlib.sha256(b"the server certificate, DER").digest()
+
+
+def _plus_server(verifier: str | None = None, *, plus: bool = True, cbind: bytes | None = CBIND) -> ScramServer:
+    return ScramServer(verifier if verifier is not None else make_verifier("pw", iterations=1024),
+                       mock_secret=MOCK, username_hint="acme", channel_binding=cbind, plus=plus)
+
+
+def test_plus_round_trip_binds_to_the_certificate_hash():
+    cli = ScramClient("pw", channel_binding=CBIND)
+    first = cli.client_first()
+    assert first.startswith(b"p=tls-server-end-point,,n=,r=")
+    srv = _plus_server()
+    final = cli.handle_server_first(srv.handle_client_first(first))
+    assert final.startswith(b"c=" + base64.b64encode(b"p=tls-server-end-point,," + CBIND) + b",r=")
+    cli.verify_server_final(srv.handle_client_final(final))
+    assert srv.done and cli.done
+
+
+def test_plus_with_other_binding_data_fails_before_the_proof():
+    # e.g. a man in the middle terminating TLS with its own certificate: the client hashed that one.
+    cli = ScramClient("pw", channel_binding=hashlib.sha256(b"the attacker's certificate").digest())
+    srv = _plus_server()
+    final = cli.handle_server_first(srv.handle_client_first(cli.client_first()))
+    with pytest.raises(ScramChannelBindingError, match="channel binding check failed"):
+        srv.handle_client_final(final)
+    assert not srv.done
+
+
+def test_plus_for_an_unknown_user_fails_like_a_wrong_password():
+    cli = ScramClient("pw", channel_binding=CBIND)
+    srv = ScramServer(None, mock_secret=MOCK, username_hint="nobody", channel_binding=CBIND, plus=True)
+    final = cli.handle_server_first(srv.handle_client_first(cli.client_first()))
+    with pytest.raises(ScramError, match="password authentication failed") as info:
+        srv.handle_client_final(final)
+    assert not isinstance(info.value, ScramChannelBindingError)
+
+
+def test_y_is_a_downgrade_when_plus_was_offered():
+    # libpq sends y when it could bind but the server's list had no -PLUS: with -PLUS offered, someone removed it.
+    cli = ScramClient("pw", binding_capable=True)
+    first = cli.client_first()
+    assert first.startswith(b"y,,")
+    with pytest.raises(ScramChannelBindingError, match="negotiation error"):
+        _plus_server(plus=False).handle_client_first(first)
+    # Without -PLUS on offer (plain TCP) y is fine, and its c= must say y,, (eSws).
+    srv = ScramServer(make_verifier("pw", iterations=1024), mock_secret=MOCK, username_hint="acme")
+    final = cli.handle_server_first(srv.handle_client_first(first))
+    assert final.startswith(b"c=eSws,")
+    cli.verify_server_final(srv.handle_client_final(final))
+
+
+def test_n_is_fine_when_plus_was_offered_but_not_chosen():
+    srv = _plus_server(plus=False)
+    _exchange(srv, ScramClient("pw"))
+    assert srv.done
+
+
+@pytest.mark.parametrize("first, match", [
+    (b"n,,n=,r=abc", "does not include channel binding data"),
+    (b"y,,n=,r=abc", "does not include channel binding data"),
+    (b"p=tls-unique,,n=,r=abc", "unsupported SCRAM channel-binding type"),
+    (b"p=tls-server-end-point,a=x,n=,r=abc", "authzid"),
+    (b"p=tls-server-end-point", "GS2"),
+    (b"p,,n=,r=abc", "GS2"),
+])
+def test_plus_chosen_needs_p_and_the_right_type(first, match):
+    with pytest.raises(ScramError, match=match):
+        _plus_server().handle_client_first(first)
+
+
+def test_plus_final_must_carry_the_binding_data():
+    header = b"p=tls-server-end-point,,"
+    for c in (header, b"n,,", header + CBIND + b"x", header + CBIND[:-1]):
+        srv = _plus_server()
+        nonce = srv.handle_client_first(header + b"n=,r=abc").split(b",")[0][2:]
+        with pytest.raises(ScramChannelBindingError, match="channel binding check failed"):
+            srv.handle_client_final(b"c=" + base64.b64encode(c) + b",r=" + nonce + b",p=" + base64.b64encode(b"\0" * 32))
+
+
+def test_plus_cannot_be_chosen_when_not_offered():
+    with pytest.raises(ScramChannelBindingError, match="not offered"):
+        ScramServer(None, mock_secret=MOCK, username_hint="acme", channel_binding=None, plus=True)
+
+
+def _cert(sign_with, key=None) -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "o7s.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, sign_with))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_tls_server_end_point_follows_the_signature_hash():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    der = _cert(hashes.SHA256())
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
+    der = _cert(hashes.SHA384())
+    assert tls_server_end_point(der) == hashlib.sha384(der).digest()
+    der = _cert(hashes.SHA512())
+    assert tls_server_end_point(der) == hashlib.sha512(der).digest()
+    # RFC 5929: MD5 and SHA-1 are replaced by SHA-256.
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    try:
+        der = _cert(hashes.SHA1(), rsa_key)
+    except Exception:  # a cryptography build that refuses to sign with SHA-1
+        der = None
+    if der is not None:
+        assert tls_server_end_point(der) == hashlib.sha256(der).digest()
+    # Ed25519 signatures have no separate hash: no binding is defined, -PLUS is not offered.
+    assert tls_server_end_point(_cert(None, ed25519.Ed25519PrivateKey.generate())) is None
+    assert tls_server_end_point(b"not a certificate") is None
 
 
 # ---------------------------------------------------------------- mock exchange
@@ -447,9 +576,11 @@ _message = st.builds(lambda parts: b",".join(parts), st.lists(_attr, max_size=6)
 
 
 @FUZZ
-@given(st.sampled_from([b"n,,", b"y,,", b"p=x,,", b"n,a=b,", b""]), _message, _message, st.booleans())
-def test_fuzz_server_structured(gs2, bare, final, mock):
-    srv = ScramServer(None if mock else _VERIFIER, mock_secret=MOCK, username_hint="fuzz")
+@given(st.sampled_from([b"n,,", b"y,,", b"p=x,,", b"n,a=b,", b"", b"p=tls-server-end-point,,"]), _message, _message,
+       st.booleans(), st.sampled_from([None, False, True]))
+def test_fuzz_server_structured(gs2, bare, final, mock, plus):
+    srv = ScramServer(None if mock else _VERIFIER, mock_secret=MOCK, username_hint="fuzz",
+                      channel_binding=None if plus is None else CBIND, plus=bool(plus))
     try:
         srv.handle_client_first(gs2 + bare)
     except ScramError:

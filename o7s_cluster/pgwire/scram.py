@@ -16,6 +16,12 @@ Client side (O7s authenticating to a backend)::
     final = cli.handle_server_first(auth_sasl_continue_data)
     cli.verify_server_final(auth_sasl_final_data)
 
+Channel binding (RFC 5802 section 6, RFC 5929): on a TLS connection the server offers SCRAM-SHA-256-PLUS too,
+and hands ``channel_binding=`` the tls-server-end-point data of its certificate (``tls_server_end_point``); a
+client that picks -PLUS must bind to exactly that (``p=tls-server-end-point``), and a client that says it could
+bind but thinks the server cannot (``y``) is refused when the server did offer -PLUS: a downgrade, as PostgreSQL
+refuses it.
+
 Differences from the RFC that PostgreSQL also makes: the user name in the client-first-message is
 ignored (the startup packet names the user), the password goes through SASLprep but is used unchanged
 when it is not valid for SASLprep, and a user without a verifier gets a mock exchange that only fails
@@ -33,7 +39,10 @@ import stringprep
 import unicodedata
 
 __all__ = [
+    "CBIND_TYPE",
     "MECHANISM",
+    "MECHANISM_PLUS",
+    "ScramChannelBindingError",
     "ScramClient",
     "ScramError",
     "ScramServer",
@@ -41,9 +50,12 @@ __all__ = [
     "md5_password",
     "parse_verifier",
     "saslprep",
+    "tls_server_end_point",
 ]
 
 MECHANISM = "SCRAM-SHA-256"
+MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
+CBIND_TYPE = b"tls-server-end-point"  # the only channel binding type PostgreSQL (and so libpq) implements
 
 DEFAULT_ITERATIONS = 4096
 SALT_LEN = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
@@ -63,6 +75,31 @@ MAX_VERIFIER_ITERATIONS = 10_000_000
 
 class ScramError(Exception):
     """Any failure of a SCRAM exchange: malformed message, bad proof, server error, wrong state."""
+
+
+class ScramChannelBindingError(ScramError):
+    """The channel binding was refused (wrong data, wrong type, a downgrade): PostgreSQL's protocol violations.
+    Raised before the proof is looked at, so it says nothing about the password or the user."""
+
+
+def tls_server_end_point(cert_der: bytes) -> bytes | None:
+    """RFC 5929 tls-server-end-point: the hash of the server's certificate (DER), with the certificate's signature
+    hash, SHA-256 when that is MD5 or SHA-1. None when the signature has no hash (Ed25519, Ed448): no binding
+    is defined for those, so -PLUS is not offered (libpq could not compute it either)."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        algorithm = x509.load_der_x509_certificate(cert_der).signature_hash_algorithm
+    except (UnsupportedAlgorithm, ValueError):
+        return None
+    if algorithm is None:
+        return None
+    name = "sha256" if algorithm.name in ("md5", "sha1") else algorithm.name
+    try:
+        return hashlib.new(name, cert_der).digest()
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +293,10 @@ class _Exchange:
         self._state = "failed"
         return ScramError(msg)
 
+    def _fail_binding(self, msg: str) -> ScramError:
+        self._state = "failed"
+        return ScramChannelBindingError(msg)
+
     def _accept(self, data: object, state: str, what: str, limit: int) -> bytes:
         """The common checks of every incoming SCRAM message: order, type, size."""
         if self._state != state:
@@ -285,7 +326,15 @@ class ScramServer(_Exchange):
         mock_secret: bytes,
         username_hint: str,
         server_nonce: bytes | None = None,
+        channel_binding: bytes | None = None,
+        plus: bool = False,
     ) -> None:
+        """`channel_binding`: this connection's tls-server-end-point data when the server offered -PLUS (None: it
+        did not); `plus`: the client chose SCRAM-SHA-256-PLUS."""
+        if plus and channel_binding is None:
+            raise ScramChannelBindingError("SCRAM-SHA-256-PLUS was not offered on this connection")
+        self._cbind_data = channel_binding
+        self._plus = plus
         self._doomed = verifier is None
         if verifier is None:
             hint = username_hint.encode("utf-8", "surrogatepass")
@@ -310,20 +359,36 @@ class ScramServer(_Exchange):
     def handle_client_first(self, data: bytes) -> bytes:
         """Parse the client-first-message (SASLInitialResponse data); return the server-first-message."""
         data = self._accept(data, "first", "client-first-message", MAX_CLIENT_FIRST)
-        # gs2-header = gs2-cbind-flag "," [ authzid ] ","
+        # gs2-header = gs2-cbind-flag "," [ authzid ] ","  with  gs2-cbind-flag = "p=" cb-name / "n" / "y"
         flag = data[:1]
         if flag == b"p":
-            raise self._fail(
-                "channel binding is not supported: the server does not offer SCRAM-SHA-256-PLUS"
-            )
-        if flag not in (b"n", b"y") or data[1:2] != b",":
+            if not self._plus:
+                raise self._fail_binding("the client selected SCRAM-SHA-256 without channel binding, but the"
+                                         " SCRAM message includes channel binding data")
+            end = data.find(b",", 0, 64)
+            if data[1:2] != b"=" or end < 0:
+                raise self._fail("malformed SCRAM message: invalid GS2 header")
+            if data[2:end] != CBIND_TYPE:
+                raise self._fail_binding("unsupported SCRAM channel-binding type (only tls-server-end-point)")
+        elif flag in (b"n", b"y"):
+            end = 1
+            if self._plus:
+                raise self._fail_binding("the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not"
+                                         " include channel binding data")
+            if flag == b"y" and self._cbind_data is not None:
+                # The client could bind but believes the server cannot: someone removed -PLUS from the offer.
+                raise self._fail_binding("SCRAM channel binding negotiation error: the client supports channel"
+                                         " binding but thinks the server does not, yet this server does")
+        else:
             raise self._fail("malformed SCRAM message: invalid GS2 header")
-        if data[2:4] == b"a=":
+        if data[end:end + 1] != b",":
+            raise self._fail("malformed SCRAM message: invalid GS2 header")
+        if data[end + 1:end + 3] == b"a=":
             raise self._fail("SCRAM authorization identity (authzid) is not supported")
-        if data[2:3] != b",":
+        if data[end + 1:end + 2] != b",":
             raise self._fail("malformed SCRAM message: invalid GS2 header")
-        self._gs2_header = data[:3]
-        bare = data[3:]
+        self._gs2_header = data[:end + 2]
+        bare = data[end + 2:]
         attrs = _split_attrs(bare)
         if attrs[0][0] == b"m":
             raise self._fail("SCRAM mandatory extensions are not supported")
@@ -350,8 +415,9 @@ class ScramServer(_Exchange):
         if any(k == b"p" for k, _ in attrs[:-1]):
             raise self._fail("malformed SCRAM message: proof must be the last attribute")
         cbind = _b64decode(attrs[0][1], "channel binding")
-        if cbind != self._gs2_header:
-            raise self._fail("SCRAM channel binding check failed")
+        expected = self._gs2_header + (self._cbind_data or b"") if self._plus else self._gs2_header
+        if not hmac.compare_digest(cbind, expected):
+            raise self._fail_binding("SCRAM channel binding check failed")
         if not hmac.compare_digest(attrs[1][1], self._nonce):
             raise self._fail("SCRAM nonce mismatch")
         proof = _b64decode(attrs[-1][1], "proof")
@@ -373,13 +439,25 @@ class ScramServer(_Exchange):
 
 
 class ScramClient(_Exchange):
-    """Client side of SCRAM-SHA-256 (no channel binding), as libpq does it."""
+    """Client side of SCRAM-SHA-256, as libpq does it.
 
-    def __init__(self, password: str, *, client_nonce: bytes | None = None) -> None:
+    ``channel_binding``: bind to this tls-server-end-point data (SCRAM-SHA-256-PLUS, ``p=``); ``binding_capable``
+    without it: the client could bind but the server did not offer -PLUS (``y``, libpq's channel_binding=prefer
+    over TLS). Neither: ``n``.
+    """
+
+    def __init__(self, password: str, *, client_nonce: bytes | None = None, channel_binding: bytes | None = None,
+                 binding_capable: bool = False) -> None:
         self._password = password
         self._client_nonce = client_nonce if client_nonce is not None else _make_nonce()
         if not _is_printable_nonce(self._client_nonce):
             raise ValueError("client nonce must be printable ASCII without ','")
+        if channel_binding is not None:
+            self._gs2_header = b"p=" + CBIND_TYPE + b",,"
+            self._cbind = self._gs2_header + channel_binding
+        else:
+            self._gs2_header = b"y,," if binding_capable else b"n,,"
+            self._cbind = self._gs2_header
         self._state = "start"
         self._client_first_bare = b"n=,r=" + self._client_nonce
         self._server_signature = b""
@@ -392,7 +470,7 @@ class ScramClient(_Exchange):
         if self._state != "start":
             raise self._fail("SCRAM client-first-message already sent")
         self._state = "first_sent"
-        return b"n,," + self._client_first_bare
+        return self._gs2_header + self._client_first_bare
 
     def handle_server_first(self, data: bytes) -> bytes:
         """Parse the server-first-message (AuthenticationSASLContinue); return the client-final-message."""
@@ -423,7 +501,7 @@ class ScramClient(_Exchange):
             raise self._fail(f"SCRAM iteration count {iterations} out of range")
         salted = _salted_password(self._password, salt, iterations)
         client_key, stored_key, server_key = _keys(salted)
-        without_proof = b"c=biws,r=" + nonce  # biws = base64("n,,")
+        without_proof = b"c=" + base64.b64encode(self._cbind) + b",r=" + nonce  # c=biws for plain "n,,"
         auth_message = self._client_first_bare + b"," + data + b"," + without_proof
         proof = _xor(client_key, _hmac(stored_key, auth_message))
         self._server_signature = _hmac(server_key, auth_message)
