@@ -46,6 +46,11 @@ class Settings:
     # admin_auth_reads, also for /metrics and /v1/* reads. /health and /ready never need it.
     admin_token: str | None = field(default=None, repr=False)
     admin_auth_reads: bool = False
+    # --- login circuit breaker: after this many failed logins for an org from one address within the window,
+    # that address is refused for that org for `auth_breaker_block` seconds (0 failures: off) ---
+    auth_breaker_failures: int = 10
+    auth_breaker_window: float = 150.0
+    auth_breaker_block: float = 120.0
     drain_timeout: float = 30.0  # SIGTERM: how long open transactions may take to finish
     machine_id: int = 0  # 0-127, encoded in the BackendKeyData O7s hands out
     run_dir: str | None = None  # where workers' Unix sockets live (default: a fresh temp dir)
@@ -118,7 +123,7 @@ def _convert(name: str, value: Any) -> Any:
         return int(value)
     if name == "max_message_size":
         return _size(value)
-    if name in ("workers", "machine_id", "workers_per_node"):
+    if name in ("workers", "machine_id", "workers_per_node", "auth_breaker_failures"):
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"expected a whole number, got {value!r}")
         return int(value)
@@ -130,7 +135,8 @@ def _convert(name: str, value: Any) -> Any:
             raise ValueError(f"expected true or false, got {value!r}")
         return v in ("1", "true", "yes", "on")
     if name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout", "catalog_ttl",
-                "drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window"):
+                "drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window", "auth_breaker_window",
+                "auth_breaker_block"):
         return _duration(value)
     if value is None:
         return None
@@ -191,7 +197,10 @@ def _validate(s: Settings) -> None:
                               " (e.g. `openssl rand -hex 32`)")
     elif s.admin_auth_reads:
         raise ConfigError("admin_auth_reads needs an admin_token")
-    for name in ("drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window"):
+    if not 0 <= s.auth_breaker_failures <= 1000:
+        raise ConfigError("auth_breaker_failures must be between 0 (off) and 1000")
+    for name in ("drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window", "auth_breaker_window",
+                 "auth_breaker_block"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0")
     if s.catalog_ttl < 0:

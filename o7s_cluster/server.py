@@ -16,6 +16,7 @@ from o7s_cluster import logs
 from o7s_cluster.affinity import COUNTER_BITS, make_pid, split_pid
 from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.config import Settings
+from o7s_cluster.limits.logins import policy_from
 from o7s_cluster.admin.metrics import WorkerMetrics
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire.scram import tls_server_end_point
@@ -82,6 +83,7 @@ class Server:
             self.tls_context, self.tls_end_point = _tls_context(settings), _tls_end_point(settings)
         except (OSError, ssl.SSLError) as exc:
             log.error("TLS certificate reload failed; keeping the old one", extra={"error": str(exc)})
+        self.limits.logins.set_policy(policy_from(settings))
         logging.getLogger().setLevel(settings.log_level.upper())
         self.catalog.invalidate()
         log.info("configuration reloaded")

@@ -9,8 +9,10 @@ answers to statements it injected and synthesise answers to statements it skippe
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
+import math
 import re
 import socket
 import ssl
@@ -23,6 +25,7 @@ import trio
 
 from o7s_cluster.backend import BackendConn, BackendError, send_cancel
 from o7s_cluster.limits import Bucket, LimitError, Ticket
+from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy
 from o7s_cluster.admin.metrics import OrgMetrics
 from o7s_cluster.usage import UsageCounters
 from o7s_cluster.pgwire import errors as codes
@@ -168,6 +171,17 @@ def _parse_options(options: str) -> dict[str, str]:
             raise ClientError(codes.PROTOCOL_VIOLATION, f"invalid startup option \"{setting}\": expected name=value")
         out[name.replace("-", "_")] = value
     return out
+
+
+def _login_blocked(org: str, address: str, left: float, policy: BreakerPolicy) -> ClientError:
+    """The login breaker's refusal: the limit, and when to retry (in seconds and as a UTC time)."""
+    wait = max(1, math.ceil(left))
+    at = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=wait)).strftime("%H:%M:%S")
+    return ClientError(
+        codes.LOGIN_BLOCKED,
+        f'too many failed logins for org "{org[:MAX_KEY_ORG]}" from {address}: {policy.failures_max} within '
+        f"{policy.window:g} s; logins for this org from this address are refused for {policy.block:g} s",
+        hint=f"Retry after {wait} s (at {at} UTC) with the right password.")
 
 
 def _param_key(name: str) -> str:
@@ -521,6 +535,14 @@ class Session:
         await self._send_client(out)
 
     async def _authenticate(self) -> OrgLogin:
+        # The login breaker first, before the control plane or any SCRAM work: the same for every org name,
+        # known or not, so it tells nobody which orgs exist.
+        address = self.peer.rpartition(":")[0] or self.peer
+        guard = self.server.limits.logins
+        left = await guard.blocked_for(self.org, address)
+        if left > 0:
+            self.server.metrics.logins_blocked += 1
+            raise _login_blocked(self.org, address, left, guard.policy)
         login: OrgLogin | None = None
         if _ORG_NAME.match(self.org):
             try:
@@ -551,17 +573,23 @@ class Session:
             await self._send_client(m.auth_sasl_continue(scram.handle_client_first(data)))
             final = scram.handle_client_final(await self._read_typed(0x70))
         except ScramChannelBindingError as exc:  # a downgrade or a binding to another certificate
-            self.server.metrics.auth_failures += 1
-            self.server.usage.auth_failure(self.org)
+            await self._login_failed(address)
             raise ClientError(codes.PROTOCOL_VIOLATION, str(exc)) from None
         except ScramError:
-            self.server.metrics.auth_failures += 1
-            self.server.usage.auth_failure(self.org)
+            await self._login_failed(address)
             raise failed from None
         if login is None:
+            await self._login_failed(address)
             raise failed
         await self._send_client(m.auth_sasl_final(final))
         return login
+
+    async def _login_failed(self, address: str) -> None:
+        self.server.metrics.auth_failures += 1
+        self.server.usage.auth_failure(self.org)
+        with trio.CancelScope(shield=True):  # counted even when the start-up timeout hits now
+            if await self.server.limits.logins.failed(self.org, address) is not None:
+                self.server.metrics.login_blocks += 1
 
     # --- backend attachment --------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ Snapshot format (``SNAPSHOT_VERSION`` 1)::
       "taken_at": 1767000042.5,            # time.time() of the snapshot
       "buckets": [0.00025, ..., 10.0],     # LATENCY_BUCKETS (upper bounds; +Inf implied)
       "handoffs_out": 0, "cancels_forwarded": 0, "sessions_total": 0,
-      "auth_failures": 0, "protocol_errors": 0,
+      "auth_failures": 0, "protocol_errors": 0, "logins_blocked": 0, "login_blocks": 0,
       "limits_degraded": 0, "usage_spool_bytes": 0, "usage_shipping_lag_seconds": 0.0,
       "orgs": [
         {"org": "acme", "tier": "pro",
@@ -87,7 +87,8 @@ ORG_COUNTERS = (
 )
 ORG_GAUGES = ("client_connections", "backend_connections")
 POOL_GAUGES = ("pool_in_use", "pool_idle", "pool_waiting")  # optional, from WorkerMetrics.pool_state
-WORKER_COUNTERS = ("handoffs_out", "cancels_forwarded", "sessions_total", "auth_failures", "protocol_errors")
+WORKER_COUNTERS = ("handoffs_out", "cancels_forwarded", "sessions_total", "auth_failures", "protocol_errors",
+                   "logins_blocked", "login_blocks")
 WORKER_GAUGES = ("limits_degraded", "usage_spool_bytes", "usage_shipping_lag_seconds")
 
 
@@ -158,6 +159,8 @@ class WorkerMetrics:
         self.sessions_total = 0  # client sessions started on this worker (after any hand-off)
         self.auth_failures = 0
         self.protocol_errors = 0
+        self.logins_blocked = 0  # logins refused by the login breaker, before authentication
+        self.login_blocks = 0  # blocks the login breaker started (an org and address over the failure limit)
         self.limits_degraded = 0  # 0/1 gauge: Redis unreachable, limits are node-local (set by limits/)
         self.usage_spool_bytes = 0  # gauge: bytes in the local usage spool not yet shipped (set by usage/)
         self.usage_shipping_lag_seconds = 0.0  # gauge: age of the oldest unshipped usage record (usage/)
@@ -412,6 +415,10 @@ _WORKER_COUNTER_FAMILIES = (
     ("o7s_sessions", "Client sessions started (after any hand-off).", "sessions_total"),
     ("o7s_auth_failures", "Failed client authentications.", "auth_failures"),
     ("o7s_protocol_errors", "Client connections closed for a protocol violation.", "protocol_errors"),
+    ("o7s_logins_blocked", "Logins refused by the login breaker (too many failures for the org from the address).",
+     "logins_blocked"),
+    ("o7s_login_blocks", "Blocks the login breaker started (an org and source address over the failure limit).",
+     "login_blocks"),
 )
 
 

@@ -42,6 +42,7 @@ import trio
 from o7s_cluster.control_plane.catalog import TierLimits
 from o7s_cluster.config import Settings
 from o7s_cluster.redisconn import REDIS_ERRORS, client as redis_client, redact
+from o7s_cluster.limits.logins import LoginGuard, policy_from
 from o7s_cluster.limits.tiers import TIER_CHANNEL, TierCache, parse_tier_message, tier_message
 
 __all__ = ["LimitError", "Limits", "Bucket", "Ticket", "TierCache", "TIER_CHANNEL", "tier_message",
@@ -435,6 +436,8 @@ class Limits:
         self._refresh_event = trio.Event()
         self.started = False
         self.subscribed = False  # listening for tier changes
+        self.logins = LoginGuard(policy_from(settings), lambda: None if self.degraded else self._redis,  # breaker
+                                 self._limiter, member_prefix=worker_key)
 
     # -- the interface the session calls
 

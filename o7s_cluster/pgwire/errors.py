@@ -9,6 +9,7 @@ INVALID_PASSWORD = "28P01"            # wrong password or unknown org (deliberat
 INVALID_AUTHORIZATION = "28000"       # e.g. client refused SCRAM
 INVALID_CATALOG_NAME = "3D000"        # database not registered for this org
 TOO_MANY_CONNECTIONS = "53300"
+LOGIN_BLOCKED = "08004"               # the login breaker: server rejected the connection (see the README)
 CONFIGURATION_LIMIT_EXCEEDED = "53400"  # query rate: refused after the longest wait (limits.py)
 PROGRAM_LIMIT_EXCEEDED = "54000"      # too many named prepared statements on one connection
 POOL_TIMEOUT = "53P01"                # O7s-specific class 53 code: no backend connection free in time
