@@ -31,6 +31,7 @@ from loadtest.hdr import Histogram
 
 MODES = ("simple", "extended", "prepared")
 TARGETS = ("direct", "pgbouncer", "bare-relay", "o7s-w1", "o7s-w2")
+ONE_TO_ONE = frozenset({"direct", "bare-relay"})  # a backend per client, gone when pgbench is
 NO_PREPARED = frozenset({"pgbouncer"})   # PgBouncer 1.18: no named statements in transaction mode
 ORG = "lt_bench"
 BENCH_TIER = "bench"
@@ -308,7 +309,8 @@ def run_pgbench(stack: PgbenchStack, target: str, mode: str, duration: float, ru
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
-    _wait_backends_gone(stack.pg.proc.pid, backends_before)
+    if target in ONE_TO_ONE:
+        _wait_backends_gone(stack.pg.proc.pid, backends_before)
     b = _snapshot(roots)
     (run_dir / "pgbench.out").write_text(stdout + "\n--- stderr ---\n" + stderr)
     res = {"target": target, "mode": mode, "rc": proc.returncode, "started": started,
@@ -336,7 +338,9 @@ def summary_line(r: dict) -> str:
 
 # -- the whole benchmark ----------------------------------------------------------------------
 
-def run(opts: PgbenchOptions, workdir: Path, log=print) -> dict:
+def run(opts: PgbenchOptions, workdir: Path, log=print, profile_only: bool = False) -> dict:
+    """The warm-up, then every (round, mode, target) run, then the profiled runs (only those with
+    profile_only)."""
     stack = PgbenchStack(opts, workdir)
     runs: list[dict] = []
     profiles: list[dict] = []
@@ -347,7 +351,7 @@ def run(opts: PgbenchOptions, workdir: Path, log=print) -> dict:
             for t in opts.targets:
                 r = run_pgbench(stack, t, "simple", opts.warmup, workdir / "runs" / f"warmup-{t}", 0, log)
                 log(f"warm-up {summary_line(r)}")
-        for rnd in range(opts.rounds):
+        for rnd in range(0 if profile_only else opts.rounds):
             for mode in opts.modes:
                 for t in opts.targets:
                     if mode not in opts.modes_for(t):
@@ -358,7 +362,7 @@ def run(opts: PgbenchOptions, workdir: Path, log=print) -> dict:
                     r["round"] = rnd
                     log(summary_line(r))
                     runs.append(r)
-        if opts.profile:
+        if opts.profile or profile_only:
             for mode in opts.profile_modes:
                 for t in [t for t in opts.targets if t.startswith("o7s") or t == "bare-relay"]:
                     time.sleep(SETTLE_S)
@@ -385,12 +389,18 @@ def main(a) -> int:
         raise SystemExit("pgbench is not installed (scripts/install installs it)")
     wd = infra.make_workdir(a.workdir)
     try:
-        data = run(opts, wd, log)
+        data = run(opts, wd, log, profile_only=a.profile_only)
     finally:
         if opts.keep:
             log(f"kept {wd}")
         else:
             shutil.rmtree(wd, ignore_errors=True)
+    if a.profile_only:
+        # new profiles beside the measured runs already in the JSON (when there is one)
+        old = json.loads(json_path.read_text()) if json_path.exists() else {**data, "runs": []}
+        old["profiles"] = data["profiles"]
+        old["profile_machine"] = data["machine"]
+        data = old
     bench.save(json_path, data)
     log(f"wrote {json_path}")
     log(f"wrote {pgbench_report.write(data, md_path)}")
@@ -443,6 +453,8 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds, help="run the whole matrix this many times (%(default)s)")
     p.add_argument("--profile", action="store_true",
                    help="after the measured runs, py-spy on each O7s target and the bare relay during an extra run")
+    p.add_argument("--profile-only", action="store_true",
+                   help="only the profiled runs; their results replace the profiles in the tag's JSON")
     p.add_argument("--profile-modes", default=",".join(d.profile_modes), help="modes to profile (%(default)s)")
     p.add_argument("--tag", default="", help="results/PGBENCH-TAG.md and pgbench-TAG.json (default: no tag)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON in --out")

@@ -2,9 +2,11 @@
 
 Two py-spy processes sample the target at once without stopping it (`--nonblocking`; O7s with
 `--subprocesses`, so its workers are sampled): one writes a flame graph (SVG), the other the
-collapsed stacks, which are summed here into "where the time goes" tables (on-CPU samples only:
-py-spy leaves out threads that are waiting). The run's figures are not in the tables of the
-report: py-spy's own CPU competes with the run on the same cores.
+collapsed stacks, which are summed here into "where the time goes" tables. Both sample only the
+thread holding the GIL (`--gil`): the Python side of the proxy's CPU. A system call that drops the
+GIL (`socket.send`, `epoll_wait`) is not in them; the report's *of which kernel* column (system
+time from /proc) covers that side. The run's figures are not in the report's tables: py-spy's
+own CPU competes with the run on the same cores.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ def py_spy() -> str | None:
 def _frame(s: str) -> tuple[str, str]:
     m = _FRAME.match(s)
     return (m.group("func"), m.group("file")) if m else (s, "")
+
+
+def _process_name(frame: str) -> str:
+    """'process PID:"…python -m o7s_cluster.worker 0 /tmp/…"' -> 'PID o7s_cluster.worker 0'."""
+    pid, _, cmd = frame.removeprefix("process ").partition(":")
+    words = cmd.strip('"').split()
+    if "-m" in words:
+        words = words[words.index("-m") + 1:]
+    return " ".join([pid, *[w for w in words if not w.startswith("/")][:2]])
 
 
 def area(file: str) -> str:
@@ -63,12 +74,12 @@ def summarize(collapsed: str) -> dict:
             continue
         k = int(n)
         frames = stack.split(";")
-        proc = frames[0] if frames and frames[0].startswith("process ") else ""
+        procs = [f for f in frames if f.startswith("process ")]   # with --subprocesses: parent;child
         frames = [f for f in frames if not f.startswith(("process ", "thread "))]
         if not frames:
             continue
         total += k
-        per_process[proc.split(":", 1)[0] or "process"] += k
+        per_process[_process_name(procs[-1]) if procs else "process"] += k
         func, file = _frame(frames[-1])
         self_f[f"{func} ({file})"] += k
         self_area[area(file)] += k
@@ -96,7 +107,7 @@ def profile_run(stack, target: str, mode: str, opts, workdir: Path, run_pgbench,
     secs = max(1, round(opts.duration) - 1)
 
     def during(pgbench_proc):
-        base = [exe, "record", "--pid", str(pid), "--nonblocking", "--rate", str(PROFILE_RATE),
+        base = [exe, "record", "--pid", str(pid), "--nonblocking", "--gil", "--rate", str(PROFILE_RATE),
                 "--duration", str(secs)]
         if target.startswith("o7s"):
             base.append("--subprocesses")
@@ -120,9 +131,10 @@ def profile_run(stack, target: str, mode: str, opts, workdir: Path, run_pgbench,
     r = run_pgbench(stack, target, mode, opts.duration, workdir / "runs" / f"profile-{mode}-{target}",
                     0, log, during=during)
     p = r.pop("profile", None) or {}
-    p.update(target=target, mode=mode, tps=r.get("tps"), proxy_cpu_us_per_tx=r.get("proxy_cpu_us_per_tx"))
+    p.update(target=target, mode=mode, tps=r.get("tps"), proxy_cpu_us_per_tx=r.get("proxy_cpu_us_per_tx"),
+             proxy_system_frac=r.get("proxy_system_frac"), other_cores=r.get("other_cores"))
     if p.get("self_by_area"):
-        log(f"[{target} {mode}] on-CPU samples {p['samples']}: "
+        log(f"[{target} {mode}] GIL samples {p['samples']}: "
             + ", ".join(f"{a} {pct:.0f} %" for a, _, pct in p["self_by_area"][:5]))
     return p
 

@@ -131,23 +131,31 @@ def _noise(runs: list[dict]) -> list[str]:
     return out
 
 
-def _profiles(profiles: list[dict]) -> list[str]:
+def _profiles(profiles: list[dict], machine: dict | None = None) -> list[str]:
     md = ["## Where the time goes (py-spy)", "",
           "An extra, unmeasured pgbench run per target with two py-spy samplers attached "
-          "(`--nonblocking`, 250 Hz; O7s with `--subprocesses`). py-spy leaves out samples of threads "
-          "it sees as idle; a process that is runnable but waiting for a core is not idle to it, so on a "
-          "busy machine the shares lean towards where the process waits to be scheduled (after "
-          "`epoll_wait` returns). *Self* is the innermost Python frame: time in a C call or a system "
-          "call (`socket.send` into loopback TCP, which also runs the receiver's side of the stack) is "
-          "charged to the Python function that made it; the tables' *of which kernel* column says "
-          "how much of the proxy's CPU was system time.", ""]
+          "(`--nonblocking --gil`, 250 Hz; O7s with `--subprocesses`): samples of the thread holding "
+          "the GIL, i.e. the proxy's Python time. A system call that releases the GIL (`socket.send` "
+          "into loopback TCP, which also runs the receiver's side of the stack; `epoll_wait`) is not in "
+          "these samples: the tables' *of which kernel* column (system time from /proc) is that side. "
+          "A process that is preempted while running Python still counts, so on a busy machine the "
+          "sample count runs above the CPU used; read shares. *Self* is the innermost Python frame "
+          "(a C function it calls is charged to it). Sampling without stopping the process yields some "
+          "partial stacks (not reaching the module's top frame), so inclusive shares of outer frames "
+          "are low; self shares are not affected.", ""]
+    if machine:
+        md += [f"Profiled in a separate run, {machine.get('date', '?')}, O7s at `{machine.get('o7s_commit', '?')}`.", ""]
     for p in profiles:
         if p.get("error"):
             md += [f"### {p['target']}, -M {p['mode']}: py-spy failed", "", "```", p["error"], "```", ""]
             continue
-        md += [f"### {p['target']}, -M {p['mode']} ({p['samples']:,} samples; "
-               f"{_f(p.get('tps'), 0)} tps under the profiler)", "",
-               f"Flame graph: [{p['svg']}]({p['svg']}); collapsed stacks: `{p['collapsed']}`.", "",
+        kern = p.get("proxy_system_frac")
+        md += [f"### {p['target']}, -M {p['mode']} ({p['samples']:,} samples)", "",
+               f"Under the profiler: {_f(p.get('tps'), 0)} tps, proxy CPU {_f(p.get('proxy_cpu_us_per_tx'), 1)} µs/tx"
+               + (f", {100 * kern:.0f} % of it kernel" if kern is not None else "")
+               + (f", other work {p['other_cores']:.2f} cores" if p.get("other_cores") is not None else "") + ".", "",
+               f"Flame graph: [{p['svg']}]({p['svg']}); collapsed stacks: `{p['collapsed']}`. Samples by process: "
+               + ", ".join(f"{k} {v:,}" for k, v in p.get("per_process", {}).items()) + ".", "",
                "| self time by area | samples | share |", "|---|---:|---:|"]
         md += [f"| {a} | {n} | {pct:.1f} % |" for a, n, pct in p["self_by_area"][:12]]
         md += ["", "| function (self) | samples | share |", "|---|---:|---:|"]
@@ -211,6 +219,9 @@ def write(data: dict, path: Path) -> Path:
             res = "n/a (no PgBouncer figure in this mode)" if c["ok"] is None else ("pass" if c["ok"] else "**miss**")
             md.append(f"| {c['mode']} | {c['target']} | {c['check']} | {_f(c['value'], 2, '×')} | {res} |")
         md.append("")
+    notes = path.with_name(path.stem + ".notes.md")
+    if notes.exists():
+        md += [notes.read_text().rstrip(), ""]
     for mode in modes:
         md += [f"## -M {mode}", ""] + _mode_table(mode, agg) + [""]
     load = [r for r in runs if r.get("machine_idle_frac") is not None]
@@ -224,7 +235,7 @@ def write(data: dict, path: Path) -> Path:
         if noise:
             md += noise + [""]
     if data.get("profiles"):
-        md += _profiles(data["profiles"])
+        md += _profiles(data["profiles"], data.get("profile_machine"))
     md += ["## Machine and versions", ""] + [f"- {k}: {v}" for k, v in m.items()] + [""]
     md += [NOTES]
     path.write_text("\n".join(md))

@@ -86,13 +86,13 @@ def test_profile_summary_from_collapsed_stacks():
         "_forward (o7s_cluster/session.py:10);send_all (trio/_highlevel_socket.py:5) 6\n"
         'process 7:"python -m o7s_cluster serve";run (trio/_core/_run.py:1);'
         "get_events (trio/_core/_io_epoll.py:3) 3\n"
-        'process 8:"python -m o7s_cluster serve";run (trio/_core/_run.py:1);'
+        'process 7:"python -m o7s_cluster serve";process 8:"/venv/bin/python -m o7s_cluster.worker 1 /tmp/run";'
         "_forward (o7s_cluster/session.py:12) 1\n"
     )
     s = summarize(collapsed)
-    assert s["samples"] == 10 and s["per_process"] == {"process 7": 9, "process 8": 1}
+    assert s["samples"] == 10 and s["per_process"] == {"7 o7s_cluster serve": 9, "8 o7s_cluster.worker 1": 1}
     assert s["self"][0] == ("send_all (trio/_highlevel_socket.py)", 6, 60.0)
     areas = {a: n for a, n, _ in s["self_by_area"]}
     assert areas == {"trio (streams, sockets, sync)": 6, "trio core (scheduler, epoll)": 3, "o7s: session.py": 1}
     incl = {f: n for f, n, _ in s["inclusive"]}
-    assert incl["run (trio/_core/_run.py)"] == 10 and incl["_forward (o7s_cluster/session.py)"] == 7
+    assert incl["run (trio/_core/_run.py)"] == 9 and incl["_forward (o7s_cluster/session.py)"] == 7
