@@ -26,6 +26,7 @@ import trio
 
 from o7s_cluster.affinity import MAX_WORKERS
 from o7s_cluster.config import Settings, parse_listen
+from o7s_cluster.limits.release import release_dead_worker
 from o7s_cluster.worker import supervisor_socket_path
 
 log = logging.getLogger("o7s.cluster")
@@ -118,6 +119,9 @@ class Supervisor:
 
     async def _watch(self, handle: WorkerHandle) -> None:
         code = await handle.proc.wait()
+        if self.settings.redis_url:  # a killed worker cannot give its connection counts back itself
+            self.nursery.start_soon(release_dead_worker, self.settings.redis_url,  # type: ignore[union-attr]
+                                    self.settings.machine_id, handle.index, handle.proc.pid)
         retired = handle.state == "retiring"
         if handle.state == "starting" and not self.stopping:
             handle.startup_failures += 1

@@ -26,7 +26,7 @@ from o7s_cluster.affinity import home_worker
 from o7s_cluster.cancelbus import CancelBus
 from o7s_cluster.control_plane.catalog import TrioCatalog
 from o7s_cluster.config import Settings
-from o7s_cluster.limits import Limits
+from o7s_cluster.limits import Limits, worker_key
 from o7s_cluster.usage import UsageRecorder
 from o7s_cluster.admin.metrics import WorkerMetrics
 from o7s_cluster.server import Server
@@ -150,7 +150,7 @@ class Worker:
         settings = self.settings
         catalog = TrioCatalog(settings.platform_dsn or "", Vault(settings.secret_key), ttl=settings.catalog_ttl)
         worker_id = f"m{settings.machine_id}-w{self.index}"
-        limits = Limits(settings, worker_key=f"{worker_id}-{os.getpid()}")
+        limits = Limits(settings, worker_key=worker_key(settings.machine_id, self.index, os.getpid()))
         limits.on_invalidate(catalog.invalidate)
         usage = UsageRecorder(settings, worker=worker_id)
         listen_sock = _listen_socket(settings)

@@ -432,6 +432,40 @@ async def test_dead_workers_connections_expire(redis_server) -> None:
         n.cancel_scope.cancel()
 
 
+async def test_a_dead_workers_counts_and_holdings_are_released_at_once(redis_server) -> None:
+    """kill -9 leaves no goodbye: the supervisor's release_worker frees the counts and token holdings the dead
+    worker named in its index, at once, and nothing of the living."""
+    from o7s_cluster.limits import worker_index_key
+    from o7s_cluster.limits.release import release_worker
+
+    dead = Limits(settings(redis_server.url), worker_key="m0-w1-4242")
+    live = Limits(settings(redis_server.url), worker_key="m0-w0-4241")
+    dead._connect()  # talks to Redis but never says goodbye (its background tasks never run)
+    r = redis.Redis.from_url(redis_server.url)
+    async with trio.open_nursery() as n:
+        await started(n, live)
+        held = [await dead.open_connection(ORG, "acme", FREE) for _ in range(4)]
+        other = await dead.open_connection("3f9d8c1e-0000-4000-8000-000000000002", "other", FREE)
+        await trio.to_thread.run_sync(dead._take_many, [(dead.bucket(ORG, "acme", FREE), 1)], trio.current_time())
+        mine = await live.open_connection(ORG, "acme", FREE)
+        with pytest.raises(LimitError):
+            await live.open_connection(ORG, "acme", FREE)
+        assert r.zscore("o7s:rlw:{%s}" % ORG, "m0-w1-4242") is not None
+        assert len(r.smembers(worker_index_key("m0-w1-4242"))) == 3
+        counts, holdings = await trio.to_thread.run_sync(release_worker, redis_server.url, "m0-w1-4242")
+        assert (counts, holdings) == (2, 1)
+        more = [await live.open_connection(ORG, "acme", FREE) for _ in range(4)]  # at once, no expiry wait
+        with pytest.raises(LimitError):  # and the live worker's own count still holds
+            await live.open_connection(ORG, "acme", FREE)
+        assert r.zscore("o7s:rlw:{%s}" % ORG, "m0-w1-4242") is None
+        assert not r.exists(worker_index_key("m0-w1-4242"))
+        assert await trio.to_thread.run_sync(release_worker, redis_server.url, "m0-w1-4242") == (0, 0)  # idempotent
+        for t in [mine, *more]:
+            t.release()
+        del held, other
+        n.cancel_scope.cancel()
+
+
 async def test_counts_survive_a_redis_restart(redis_server) -> None:
     """Redis restarts empty: each worker states its own count again, so the ceiling still holds."""
     a, b = (Limits(settings(redis_server.url), worker_key=f"w{i}", conn_expiry=2.0, probe_interval=0.1)

@@ -158,6 +158,59 @@ def test_sixth_free_connection_gets_53300_across_two_serves(migrated, make_org, 
         stop_proxy(b)
 
 
+def test_kill_9_of_the_home_worker_frees_its_orgs_connections_at_once(migrated, make_org, redis_server, tmp_path):
+    """A free org's 5 connections on its home worker, kill -9 of that worker: 5 reconnects within 2 s all
+    succeed (before, the dead worker's counts blocked every reconnect with 53300 for 30 s)."""
+    import os
+    import signal
+
+    import httpx
+
+    from conftest import free_port
+    from o7s_cluster.affinity import home_worker
+
+    org = make_org("lim_dead", "free")
+    admin = free_port()
+    p = serve(migrated, tmp_path, redis_server.url, 2, "--admin", f"127.0.0.1:{admin}")
+    url = f"http://127.0.0.1:{admin}"
+    conns, fresh = [], []
+    try:
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for _ in range(5):
+            c = psycopg.connect(p.dsn(org), autocommit=True)
+            c.execute("SELECT 1")
+            conns.append(c)
+        assert connect_error(p, org)["C"] == "53300"
+        workers = httpx.get(f"{url}/v1/cluster", timeout=5).json()["workers"]
+        home = home_worker(org.name, sorted(w["index"] for w in workers if w["state"] == "up"))
+        victim = next(w for w in workers if w["index"] == home)
+        assert org.name in victim["orgs"]
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        refused: list[str] = []
+        while len(fresh) < 5 and time.monotonic() - killed < 2.0:
+            try:
+                c = psycopg.connect(p.dsn(org), autocommit=True, connect_timeout=2)
+            except psycopg.OperationalError as e:
+                assert "too many connections" in str(e) or "terminating" in str(e) or "closed" in str(e), e
+                refused.append(str(e).strip().splitlines()[-1][:120])
+                time.sleep(0.02)
+                continue
+            c.execute("SELECT 1")
+            fresh.append(c)
+        took = time.monotonic() - killed
+        print(f"\n5 reconnects after kill -9 of the home worker: {took:.3f} s, refused on the way: {refused}")
+        assert len(fresh) == 5, f"only {len(fresh)} of 5 reconnected within 2 s (refused: {refused[-3:]})"
+        assert connect_error(p, org)["C"] == "53300"  # the ceiling still holds
+    finally:
+        for c in conns + fresh:
+            c.close()
+        stop_proxy(p)
+
+
 # ---------------------------------------------------------------------------------------------- rate
 
 

@@ -23,6 +23,11 @@ worker_key -> last heartbeat. A Lua script drops the counts of workers that have
 is a local decrement flushed to Redis by a background task at once. Without Redis (or while it is down)
 the decision is node-local: this worker's count plus the other workers' last known count.
 
+A worker that dies without its goodbye (kill -9, OOM) would leave its counts for `conn_expiry` (30 s), blocking
+its orgs at their ceiling although nothing is open. So each worker names, in an index set in Redis
+(`o7s:wk:{worker_key}`), every org it counts connections or holds tokens for, in the same pipeline, and the
+supervisor, which knows at once that a worker exited, releases them all (limits/release.py).
+
 Redis is reached with the sync redis-py client in worker threads (`trio.to_thread`), from background
 tasks only; see redisconn.py for why.
 """
@@ -168,6 +173,16 @@ redis.call('PEXPIRE', KEYS[1], expiry * 4)
 redis.call('PEXPIRE', KEYS[2], expiry * 4)
 return {ok, total}
 """
+
+
+def worker_key(machine_id: int, index: int, pid: int) -> str:
+    """How a worker is named in Redis (counts, holders, registry): the supervisor names a dead one the same way."""
+    return f"m{machine_id}-w{index}-{pid}"
+
+
+def worker_index_key(worker_key: str) -> str:
+    """The set of orgs a worker counts connections (c:ORG_ID) or holds tokens (r:ORG_ID) for."""
+    return f"o7s:wk:{{{worker_key}}}"
 
 
 def _bucket_keys(org_id: str) -> list[str]:
@@ -698,15 +713,27 @@ class Limits:
                       int(self.holder_ttl * 1000), int(key_ttl * 1000), "1" if leave else "0"],
                 client=pipe,
             )
-        return pipe.execute()
+        for b, want in reqs:
+            if want >= 0:  # a holder of the org's tokens: the supervisor lets go for us if we die
+                self._index(pipe, "r", b.org_id)
+        return pipe.execute()[: len(reqs)]
 
     # -- connection counts
 
+    def _index(self, pipe: Any, kind: str, org_id: str) -> None:
+        """Name an org this worker counts connections (c) or holds tokens (r) for in its index in Redis, in the
+        pipeline that counts them: if the worker dies (kill -9), the supervisor reads the index and releases
+        them at once (limits/release.py) instead of letting them expire (conn_expiry)."""
+        key = worker_index_key(self.worker_key)
+        pipe.sadd(key, f"{kind}:{org_id}")
+        pipe.pexpire(key, int(self.conn_expiry * 4000))
+
     def _gate_call(self, org_id: str, mode: str, limit: int, n: int, absolute: int) -> tuple[int, int]:
-        ok, total = self._gate_script(
-            keys=_gate_keys(org_id),
-            args=[self.worker_key, mode, limit, int(self.conn_expiry * 1000), n, absolute],
-        )
+        pipe = self._redis.pipeline(transaction=False)
+        self._gate_script(keys=_gate_keys(org_id),
+                          args=[self.worker_key, mode, limit, int(self.conn_expiry * 1000), n, absolute], client=pipe)
+        self._index(pipe, "c", org_id)
+        ok, total = pipe.execute()[0]
         return int(ok), int(total)
 
     def _gate_many(self, calls: list[tuple[_Gate, str, int, int]]) -> list[Any]:
@@ -715,7 +742,10 @@ class Limits:
             self._gate_script(keys=_gate_keys(g.org_id),
                               args=[self.worker_key, mode, 0, int(self.conn_expiry * 1000), n, absolute],
                               client=pipe)
-        return pipe.execute()
+        for g, mode, _n, absolute in calls:
+            if mode in ("beat", "force") and absolute > 0:  # counts restored (Redis restarted): index them too
+                self._index(pipe, "c", g.org_id)
+        return pipe.execute()[: len(calls)]
 
     async def _flush_loop(self) -> None:
         while True:
@@ -769,6 +799,7 @@ class Limits:
         pipe = r.pipeline(transaction=False)
         pipe.zadd(WORKERS_KEY, {self.worker_key: now_ms})
         pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms - int(self.conn_expiry * 1000))
+        pipe.pexpire(worker_index_key(self.worker_key), int(self.conn_expiry * 4000))
         pipe.zcard(WORKERS_KEY)
         self.workers_seen = max(1, int(pipe.execute()[-1]))
 
@@ -784,6 +815,7 @@ class Limits:
             self._gate_script(keys=_gate_keys(g.org_id),
                               args=[self.worker_key, "force", 0, int(self.conn_expiry * 1000), 0, 0], client=pipe)
         pipe.zrem(WORKERS_KEY, self.worker_key)
+        pipe.delete(worker_index_key(self.worker_key))
         pipe.execute()
 
     # -- tier changes
