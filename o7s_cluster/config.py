@@ -37,6 +37,9 @@ class Settings:
     server_idle_timeout: float = 300.0  # idle backend connections are closed after this
     server_connect_timeout: float = 5.0
     max_message_size: int = 64 * 1024 * 1024  # cap for any length read from the wire
+    message_timeout: float = 30.0  # a client message that stops arriving mid-way is given up after this
+    input_budget: int = 256 * 1024 * 1024  # a worker's bytes of partial client messages past each one's 64 KiB
+    preauth_budget: int = 32 * 1024 * 1024  # a worker's bytes held for clients not yet logged in
     catalog_ttl: float = 5.0  # seconds control-plane answers are cached per worker
     log_level: str = "info"
     # --- cluster (supervisor and workers) ---
@@ -121,7 +124,7 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"expected a port number, got {value!r}")
         return int(value)
-    if name == "max_message_size":
+    if name in ("max_message_size", "input_budget", "preauth_budget"):
         return _size(value)
     if name in ("workers", "machine_id", "workers_per_node", "auth_breaker_failures"):
         if isinstance(value, bool) or not str(value).strip().isdigit():
@@ -136,7 +139,7 @@ def _convert(name: str, value: Any) -> Any:
         return v in ("1", "true", "yes", "on")
     if name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout", "catalog_ttl",
                 "drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window", "auth_breaker_window",
-                "auth_breaker_block"):
+                "auth_breaker_block", "message_timeout"):
         return _duration(value)
     if value is None:
         return None

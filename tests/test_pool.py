@@ -7,9 +7,9 @@ import pytest
 import trio
 
 from conftest import admin_dsn, create_backend_db
-from o7s_cluster.backend import BackendError
 from o7s_cluster.control_plane.dsn import parse_dsn
-from o7s_cluster.pool import Pool, PoolSettings, PoolTimeout
+from o7s_cluster.net.backend import BackendError
+from o7s_cluster.net.pool import Pool, PoolSettings, PoolTimeout
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from conftest import free_port, run_o7s, start_proxy, stop_proxy
-from o7s_cluster.affinity import MAX_WORKERS, home_worker, split_pid
+from o7s_cluster.worker.affinity import MAX_WORKERS, home_worker, split_session_pid
 from o7s_cluster.config import ConfigError, load_settings
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -45,7 +45,7 @@ def test_engine_settings_are_checked():
 
 
 def test_local_engine_does_not_import_ray():
-    code = ("import sys; from o7s_cluster import server, cluster, worker; from o7s_cluster.cli import main as cli; "
+    code = ("import sys; from o7s_cluster.cli import main as cli; from o7s_cluster.worker import server, process; from o7s_cluster.cluster import supervisor; "
             "cli.build_parser().parse_args(['serve', '--engine', 'local']); assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -165,7 +165,7 @@ def wait_for(cond, timeout: float, what: str, p=None):
 
 def session_worker(conn: psycopg.Connection) -> tuple[int, int]:
     """(machine, worker) that holds a session, from the BackendKeyData O7s handed out."""
-    machine, worker, _ = split_pid(conn.info.backend_pid)
+    machine, worker, _ = split_session_pid(conn.info.backend_pid)
     return machine, worker
 
 

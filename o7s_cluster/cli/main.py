@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
-        from o7s_cluster import server  # the data path; imported only when serving
+        from o7s_cluster.cluster import supervisor as server  # the data path; imported only when serving
         from o7s_cluster.control_plane.embedded import embedded_platform
 
         with embedded_platform(settings) as (settings, psql_line):
@@ -177,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _run_server(_engine(settings, server), settings, None)
         return 0
     Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
-    from o7s_cluster import server
+    from o7s_cluster.cluster import supervisor as server
 
     _run_server(_engine(settings, server), settings, lambda: load_settings(args.config, overrides=flags))
     return 0
@@ -189,7 +189,7 @@ def _engine(settings: Any, server: Any) -> Any:
     if settings.engine != "ray":
         return server
     try:
-        from o7s_cluster import engine_ray
+        from o7s_cluster.cluster import engine_ray
     except ImportError as e:
         raise CommandError(f"--engine ray needs Ray ({e.name or e}): pip install 'o7s-cluster[ray]'") from None
     return engine_ray
@@ -201,7 +201,7 @@ def _run_server(server: Any, settings: Any, reload: Any) -> None:
     except OSError as e:  # typically the listen address: in use, not ours, not resolvable
         raise CommandError(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
     except Exception as e:
-        from o7s_cluster.cluster import ClusterError
+        from o7s_cluster.cluster.supervisor import ClusterError
 
         if isinstance(e, ClusterError):
             raise CommandError(str(e)) from None

@@ -17,7 +17,42 @@ ADMIN_SHUTDOWN = "57P01"
 QUERY_CANCELED = "57014"
 FEATURE_NOT_SUPPORTED = "0A000"
 INTERNAL_ERROR = "XX000"
+OUT_OF_MEMORY = "53200"               # the worker's budget for client input is exhausted
 CONTROL_PLANE_UNAVAILABLE = "08001"   # the control plane could not be reached to authenticate
+
+
+def encode_error(severity: str, code: str, message: str, *, hint: str | None = None,
+                 detail: str | None = None, notice: bool = False) -> bytes:
+    """An ErrorResponse (or NoticeResponse) with the fields PostgreSQL always sends."""
+    sev = severity.encode()
+    fields = [b"S" + sev, b"V" + sev, b"C" + code.encode(), b"M" + _text(message)]
+    if detail:
+        fields.append(b"D" + _text(detail))
+    if hint:
+        fields.append(b"H" + _text(hint))
+    body = b"\x00".join(fields) + b"\x00\x00"
+    return (b"N" if notice else b"E") + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def _text(value: str) -> bytes:
+    return value.replace("\x00", "").encode()
+
+
+class ClientError(Exception):
+    """Every error O7s itself reports to a client: FATAL (then the connection closes) unless `fatal` is False."""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None, detail: str | None = None,
+                 fatal: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.detail = detail
+        self.fatal = fatal
+
+    def to_bytes(self) -> bytes:
+        return encode_error("FATAL" if self.fatal else "ERROR", self.code, self.message, hint=self.hint,
+                            detail=self.detail)
 
 
 class ProtocolViolation(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from o7s_cluster.pgwire.errors import ProtocolViolation
+from o7s_cluster.pgwire.errors import ProtocolViolation, encode_error
 from o7s_cluster.pgwire.framing import CANCEL_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, read_cstring
 
 _I32 = struct.Struct("!i")
@@ -26,13 +26,7 @@ def _cstr(s: str | bytes) -> bytes:
 
 def error_response(severity: str, code: str, message: str, *, hint: str | None = None,
                    detail: str | None = None, notice: bool = False) -> bytes:
-    sev = severity.encode()
-    fields = b"S" + sev + b"\x00V" + sev + b"\x00C" + _cstr(code) + b"M" + _cstr(message.replace("\x00", ""))
-    if detail:
-        fields += b"D" + _cstr(detail.replace("\x00", ""))
-    if hint:
-        fields += b"H" + _cstr(hint.replace("\x00", ""))
-    return _msg(b"N" if notice else b"E", fields + b"\x00")
+    return encode_error(severity, code, message, hint=hint, detail=detail, notice=notice)
 
 
 def auth_ok() -> bytes:
@@ -185,3 +179,7 @@ def rows_from_tag(tag: str) -> int:
     """Row count of a CommandComplete tag (`INSERT 0 5`, `SELECT 3`, `COPY 10`); 0 when none."""
     last = tag.rpartition(" ")[2]
     return int(last) if last.isdigit() else 0
+
+
+def describe_statement(name: bytes) -> bytes:
+    return _msg(b"D", b"S" + name + b"\x00")

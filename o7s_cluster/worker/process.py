@@ -1,128 +1,41 @@
-"""A worker process: listens on the shared port (SO_REUSEPORT), hands each org to its home worker.
-
-Any worker may accept a connection. Once the startup packet names the org (or the TLS ClientHello's
-SNI does), the connection goes to the org's home worker: the raw socket and the bytes already read
-travel over a Unix datagram socket with SCM_RIGHTS. Cancel requests travel the same way to the
-worker named in their key. The supervisor tells every worker who the live members are.
-"""
+"""A worker process: accepts on the shared port (SO_REUSEPORT) and serves its orgs' sessions."""
 
 from __future__ import annotations
 
-import array
+import errno
 import logging
 import os
 import signal
 import socket
-import struct
 import sys
-from pathlib import Path
 from typing import Any
 
 import orjson
 import trio
 
 from o7s_cluster import logs
-from o7s_cluster.affinity import home_worker
-from o7s_cluster.cancelbus import CancelBus
 from o7s_cluster.control_plane.catalog import TrioCatalog
 from o7s_cluster.config import Settings
 from o7s_cluster.limits import Limits, worker_key
+from o7s_cluster.net.session import ClientSession
 from o7s_cluster.usage import UsageRecorder
-from o7s_cluster.admin.metrics import WorkerMetrics
-from o7s_cluster.server import Server
-from o7s_cluster.session import Session
 from o7s_cluster.control_plane.vault import Vault
+from o7s_cluster.worker.cancelbus import CancelBus
+from o7s_cluster.worker.router import Router, supervisor_socket_path, worker_socket_path
 
 log = logging.getLogger("o7s.worker")
-
-_HANDOFF, _CANCEL = b"H", b"C"
-_MAX_DATAGRAM = 64 * 1024
-
-
-def worker_socket_path(run_dir: str, index: int) -> str:
-    return str(Path(run_dir) / f"w{index}.sock")
+# accept() errors that mean "out of resources for now": wait a little, as trio.serve_listeners does.
+_ACCEPT_PAUSE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-def supervisor_socket_path(run_dir: str) -> str:
-    return str(Path(run_dir) / "supervisor.sock")
-
-
-class Router:
-    """Org affinity and the hand-off channel between the workers of one machine."""
-
-    def __init__(self, index: int, run_dir: str) -> None:
-        self.index = index
-        self.run_dir = run_dir
-        self.members: list[int] = [index]
-        self.sock: trio.socket.SocketType = None  # type: ignore[assignment]
-        self.metrics: WorkerMetrics | None = None
-        self.send_lock = trio.Lock()
-
-    async def bind(self) -> None:
-        path = worker_socket_path(self.run_dir, self.index)
-        if os.path.exists(path):
-            os.unlink(path)
-        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        await self.sock.bind(path)
-
-    def home(self, org: str) -> int:
-        home = home_worker(org, self.members)
-        return self.index if home is None else home
-
-    async def hand_off(self, org: str, stream: trio.abc.Stream, preread: bytes, *, tls_pending: bool = False) -> bool:
-        """Give the client connection to the org's home worker; False: serve it here."""
-        home = self.home(org)
-        if home == self.index or not isinstance(stream, trio.SocketStream):
-            return False
-        payload = _HANDOFF + (b"\x01" if tls_pending else b"\x00") + preread
-        fds = array.array("i", [stream.socket.fileno()])
-        try:
-            # One sender at a time: a burst can fill the receiver's datagram queue, and trio lets only
-            # one task wait on a socket.
-            async with self.send_lock:
-                await self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0,
-                                        worker_socket_path(self.run_dir, home))
-        except OSError as exc:  # the home worker is gone or restarting: serve here
-            log.warning("hand-off failed; serving locally", extra={"org": org, "to": home, "error": str(exc)})
-            return False
-        if self.metrics is not None:
-            self.metrics.handoffs_out += 1
-        return True
-
-    def forward_cancel(self, worker: int, pid: int, secret: int) -> None:
-        """Best effort, like PostgreSQL's own cancel: never blocks the caller."""
-        try:
-            self.sock._sock.sendto(_CANCEL + struct.pack("!ii", pid, secret),  # type: ignore[attr-defined]
-                                   worker_socket_path(self.run_dir, worker))
-        except OSError:
-            pass
-
-    async def receive(self, server: Server) -> None:
-        while True:
-            data, ancdata, _flags, _addr = await self.sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(4))
-            fds = [fd for level, kind, raw in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                   for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]
-            if data[:1] == _CANCEL and len(data) == 9:
-                pid, secret = struct.unpack("!ii", data[1:])
-                server.cancel(pid, secret)
-            elif data[:1] == _HANDOFF and len(fds) == 1 and len(data) >= 2:
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0])))
-                session = Session(server, stream, _peer(stream), preread=bytes(data[2:]),
-                                  tls_pending=data[1] == 1, handed_off=True)
-                server.nursery.start_soon(server.run_session, session)
-                continue
-            for fd in fds:  # anything malformed: do not leak descriptors
-                os.close(fd)
-
-
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(sock: socket.socket) -> str:
     try:
-        return "%s:%s" % stream.socket.getpeername()[:2]
+        return "%s:%s" % sock.getpeername()[:2]
     except (OSError, TypeError):
         return "?"
 
 
-def _listen_socket(settings: Settings) -> trio.socket.SocketType:
+def _listen_socket(settings: Settings) -> socket.socket:
     infos = socket.getaddrinfo(settings.listen_host, settings.listen_port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]
@@ -132,7 +45,7 @@ def _listen_socket(settings: Settings) -> trio.socket.SocketType:
     sock.bind(addr)
     sock.listen(4096)
     sock.setblocking(False)
-    return trio.socket.from_stdlib_socket(sock)
+    return sock
 
 
 class Worker:
@@ -168,15 +81,15 @@ class Worker:
                     server.remote_cancel = bus.publish
                     nursery.start_soon(bus.run)
                 nursery.start_soon(server.pools.run_reaper)
-                nursery.start_soon(self.router.receive, server)
+                nursery.start_soon(self.router.receive, server, self._serve_handed)
                 nursery.start_soon(self._signals)
                 control = await trio.open_unix_socket(supervisor_socket_path(self.run_dir))
                 await control.send_all(orjson.dumps({"hello": self.index, "pid": os.getpid()}) + b"\n")
                 nursery.start_soon(self._control, control)
                 log.info("worker up", extra={"listen": settings.listen})
                 with self.accepting:
-                    await trio.serve_listeners(server.handle, [trio.SocketListener(listen_sock)],
-                                               handler_nursery=nursery)
+                    await self._accept(listen_sock, server)
+                trio.lowlevel.notify_closing(listen_sock)
                 listen_sock.close()
                 await self._drain(server)
                 with trio.move_on_after(10):
@@ -191,6 +104,32 @@ class Worker:
                 os.unlink(worker_socket_path(self.run_dir, self.index))
             except OSError:
                 pass
+
+    async def _accept(self, listen_sock: socket.socket, server: Server) -> None:
+        """Accept connections until cancelled; each one's session runs in the server's nursery."""
+        while True:
+            try:
+                sock, _addr = listen_sock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listen_sock)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PAUSE_ERRORS:
+                    log.warning("accept failed; pausing", extra={"error": str(exc)})
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server.nursery.start_soon(server.run_session, ClientSession(server, sock, _peer(sock)))
+            await trio.lowlevel.checkpoint()
+
+    def _serve_handed(self, sock: socket.socket, preread: bytes, tls_pending: bool) -> None:
+        """A connection another worker handed to this one, its org's home."""
+        assert self.server is not None
+        session = ClientSession(self.server, sock, _peer(sock), preread=preread, tls_pending=tls_pending,
+                                handed_off=True)
+        self.server.nursery.start_soon(self.server.run_session, session)
 
     async def _drain(self, server: Server) -> None:
         """Sessions end at their next transaction boundary; past the drain timeout, all of them."""

@@ -7,11 +7,12 @@ import socket
 import ssl
 import struct
 import time
-from collections import OrderedDict
 
 import trio
 
 from o7s_cluster.control_plane.dsn import BackendTarget
+from o7s_cluster.net.channel import AnyChannel, Channel, TLSChannel
+from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, ProtocolViolation
 from o7s_cluster.pgwire.framing import MessageReader
@@ -42,24 +43,34 @@ def _os_reason(exc: OSError) -> str:
 
 
 class BackendConn:
-    """One authenticated server connection; `prepared` remembers which statements it holds."""
+    """One authenticated server connection. `state` is what the session core knows of it; while a
+    cancel aimed at one of its queries may still land, `cancels` is non-zero and the pool holds it back."""
 
-    __slots__ = ("stream", "raw", "tls", "reader", "params", "pid", "secret", "target",
-                 "prepared", "created", "last_used", "applied", "initial_params")
+    __slots__ = ("stream", "raw", "tls", "channel", "reader", "state", "pid", "secret", "target",
+                 "created", "last_used", "cancels", "parked", "pool")
 
     def __init__(self, stream: trio.abc.Stream, raw: socket.socket, tls: bool, target: BackendTarget) -> None:
         self.stream = stream
         self.raw = raw
         self.tls = tls
         self.target = target
-        self.reader = MessageReader(MAX_BACKEND_MESSAGE)
-        self.params: dict[str, str] = {}        # name as the server reported it -> value
-        self.applied: dict[str, str] = {}       # lower-cased name -> value O7s set that the server does not report
-        self.initial_params: dict[str, str] = {}  # what the server reported at start-up
+        self.channel: AnyChannel = TLSChannel(stream, raw) if tls else Channel(raw)  # type: ignore[arg-type]
+        self.reader = MessageReader(MAX_BACKEND_MESSAGE)  # housekeeping statements only
+        self.state = BackendState()
         self.pid = 0
         self.secret = 0
-        self.prepared: OrderedDict[bytes, None] = OrderedDict()
+        self.cancels = 0
+        self.parked = False  # given back while a cancel was in flight: the pool takes it when that lands
+        self.pool: object = None
         self.created = self.last_used = time.monotonic()
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.state.settings.reported
+
+    @property
+    def initial_params(self) -> dict[str, str]:
+        return self.state.settings.initial
 
     def looks_alive(self) -> bool:
         """Cheap check, no round trip: an idle server connection has nothing to say unless it is gone."""
@@ -75,22 +86,24 @@ class BackendConn:
         return self.tls
 
     async def send(self, data: bytes | bytearray) -> None:
-        await self.stream.send_all(data)
+        await self.channel.send(bytearray(data))
 
     async def receive_messages(self) -> None:
-        data = await self.stream.receive_some(65536)
+        data = await self.channel.receive()
         if not data:
             raise BackendError("the database server closed the connection")
-        self.reader.feed(data)
+        self.reader.feed(bytes(data))
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
             scope.shield = True
             try:
-                await self.stream.send_all(m.terminate())
+                await self.send(m.terminate())
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
-            await trio.aclose_forcefully(self.stream)
+            if self.tls:
+                await trio.aclose_forcefully(self.stream)
+            self.channel.close()
 
     async def query_until_ready(self, sql: str, timeout: float = 5.0) -> str:
         """Run a housekeeping statement; returns its last command tag. Raises BackendError on failure."""
@@ -116,7 +129,7 @@ class BackendConn:
         if error is not None:
             raise BackendError(f"{error.get('C', '')} {error.get('M', '')}".strip(), error.get("C", CONNECTION_FAILURE))
         if tag in ("DISCARD ALL", "DEALLOCATE ALL"):
-            self.prepared.clear()
+            self.state.prepared.clear()
         return tag
 
 
@@ -197,7 +210,7 @@ async def _connect(target: BackendTarget, extra: dict[str, str]) -> BackendConn:
         params = {"user": target.user, "database": target.dbname, **extra}
         if target.options:
             params["options"] = target.options
-        await out.send_all(m.startup_message(params))
+        await conn.send(m.startup_message(params))
         await _authenticate(conn)
         return conn
     except BaseException:
@@ -258,7 +271,7 @@ async def _authenticate(conn: BackendConn) -> None:
         elif t == 0x4B and len(payload) == 8:
             conn.pid, conn.secret = struct.unpack("!ii", payload)
         elif t == 0x5A:
-            conn.initial_params = dict(conn.params)
+            conn.state.settings.initial = dict(conn.params)
             return
         elif t == 0x4E:  # NoticeResponse during start-up
             continue

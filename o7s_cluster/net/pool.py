@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import trio
 
-from o7s_cluster import backend
-from o7s_cluster.backend import BackendConn, BackendError
 from o7s_cluster.control_plane.dsn import BackendTarget
+from o7s_cluster.net import backend
+from o7s_cluster.net.backend import BackendConn, BackendError
 from o7s_cluster.pgwire.errors import POOL_TIMEOUT
+from o7s_cluster.proxy.statements import PoolStatements
 
 log = logging.getLogger("o7s.pool")
 
@@ -52,13 +53,26 @@ class Pool:
         self._idle: deque[BackendConn] = deque()
         self.in_use = 0
         self.waiting = 0
+        self._dead: list[BackendConn] = []  # closed by the reaper
         self.opened_total = 0
         # What a fresh server connection reports at start-up (server_version, encodings...): enough to
         # log a client in without taking a backend.
         self.server_params: dict[str, str] | None = None
+        self.statements = PoolStatements()  # which server-side statements this pool's clients name
 
     def would_wait(self) -> bool:
         return self._slots.value == 0
+
+    def try_acquire(self) -> BackendConn | None:
+        """An idle connection now, without yielding, or None (then `acquire` waits or opens one)."""
+        while self._idle and self._slots.value > 0:
+            conn = self._idle.pop()
+            if conn.looks_alive():
+                self._slots.acquire_nowait()
+                self.in_use += 1
+                return conn
+            self._dead.append(conn)  # closed by the reaper, off the hot path
+        return None
 
     async def acquire(self) -> BackendConn:
         self.waiting += 1
@@ -89,11 +103,24 @@ class Pool:
             raise
 
     def release(self, conn: BackendConn) -> None:
-        """Give back a clean, idle connection (the caller has made sure it is)."""
+        """Give back a clean, idle connection (the caller has made sure it is).
+
+        While a cancel aimed at its last client's query may still land, nobody else gets it: it is
+        parked until `cancel_landed`.
+        """
+        if conn.cancels:
+            conn.parked = True
+            return
         self.in_use -= 1
         conn.last_used = time.monotonic()
         self._idle.append(conn)
         self._slots.release()
+
+    def cancel_landed(self, conn: BackendConn) -> None:
+        conn.cancels -= 1
+        if conn.cancels == 0 and conn.parked:
+            conn.parked = False
+            self.release(conn)
 
     async def discard(self, conn: BackendConn) -> None:
         """Close a connection that must not be reused (dirty, broken, or mid-query)."""
@@ -102,6 +129,9 @@ class Pool:
         await conn.aclose()
 
     async def reap(self) -> None:
+        dead, self._dead = self._dead, []
+        for conn in dead:
+            await conn.aclose()
         now = time.monotonic()
         keep: deque[BackendConn] = deque()
         stale: list[BackendConn] = []

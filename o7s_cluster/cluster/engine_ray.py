@@ -47,10 +47,12 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from o7s_cluster import logs
-from o7s_cluster.affinity import MACHINE_BITS, MAX_WORKERS, split_pid
-from o7s_cluster.cluster import ping_control_plane, reread_settings
+from o7s_cluster.worker.affinity import MACHINE_BITS, MAX_WORKERS, key_worker
+from o7s_cluster.cluster.supervisor import ping_control_plane, reread_settings
 from o7s_cluster.config import Settings, parse_listen
-from o7s_cluster.worker import Router, Worker, supervisor_socket_path, worker_socket_path
+from o7s_cluster.worker.process import Worker
+from o7s_cluster.worker.router import supervisor_socket_path, worker_socket_path
+from o7s_cluster.worker.router import Router
 
 log = logging.getLogger("o7s.ray")
 
@@ -161,7 +163,7 @@ class WorkerHost:
         self.worker.server.nursery.start_soon(trio.to_thread.run_sync, self._send_cancel, machine, pid, secret)
 
     def _send_cancel(self, machine: int, pid: int, secret: int) -> None:
-        worker = split_pid(pid)[1]
+        worker = key_worker(secret)[1]
         key = (machine, worker)
         try:
             handle = self._handles.get(key)
@@ -536,7 +538,7 @@ def _driver_node() -> str | None:
 
 def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     """`o7s serve --engine ray`: join (or start) a Ray cluster and serve from actors on all its nodes."""
-    from o7s_cluster.cluster import ClusterError
+    from o7s_cluster.cluster.supervisor import ClusterError
 
     logs.setup(settings.log_level, role="supervisor", engine="ray")
     namespace = f"o7s-{uuid.uuid4().hex[:10]}"

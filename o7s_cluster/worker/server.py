@@ -1,32 +1,44 @@
-"""The state of one worker: its sessions, pools, cancel routing and drain."""
+"""The state of one worker: its sessions, pools, cancel routing, memory budgets and drain."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from o7s_cluster import logs
-from o7s_cluster.affinity import COUNTER_BITS, make_pid, split_pid
-from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
-from o7s_cluster.config import Settings
-from o7s_cluster.limits.logins import policy_from
 from o7s_cluster.admin.metrics import WorkerMetrics
+from o7s_cluster.config import Settings
+from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
+from o7s_cluster.limits.logins import policy_from
+from o7s_cluster.net.budget import InputBudget, PreAuthBudget
+from o7s_cluster.net.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.pgwire import errors as codes
+from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.pgwire.scram import tls_server_end_point
-from o7s_cluster.pool import Pool, PoolManager, PoolSettings
-from o7s_cluster.session import ClientError, Session
+from o7s_cluster.worker.affinity import key_secret, key_worker, session_pid
 
 if TYPE_CHECKING:
     from o7s_cluster.limits import Limits
     from o7s_cluster.usage import UsageRecorder
-    from o7s_cluster.worker import Router
+    from o7s_cluster.worker.router import Router
+
+
+class Session(Protocol):
+    """What the worker needs of a session (o7s_cluster.net.session.ClientSession)."""
+
+    pid: int
+    secret: int
+
+    async def run(self) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def cancel(self) -> None: ...
 
 log = logging.getLogger("o7s.server")
 
@@ -59,17 +71,12 @@ class Server:
         self.tls_end_point = _tls_end_point(settings)  # SCRAM-SHA-256-PLUS binds to this certificate
         # Keys the mock SCRAM exchange for unknown orgs; random per process is enough.
         self.mock_secret = secrets.token_bytes(32)
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[tuple[int, int], Session] = {}  # by the BackendKeyData O7s gave them
         self._next_pid = 0
+        self.preauth = PreAuthBudget(settings.preauth_budget)
+        self.input_budget = InputBudget(settings.input_budget)
 
     # --- sessions ------------------------------------------------------------------------------
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = "%s:%s" % stream.socket.getpeername()[:2]
-        except OSError:
-            peer = "?"
-        await self.run_session(Session(self, stream, peer))
 
     def reload(self, settings: Settings) -> None:
         """SIGHUP: timeouts, TLS certificate and log level take effect now; the listen address and
@@ -112,22 +119,29 @@ class Server:
         for session in list(self.all_sessions):
             session.drain()
 
-    def register(self, session: Session) -> tuple[int, int]:
-        """A BackendKeyData of O7s's own for this session (the backend's never leaves O7s)."""
-        for _ in range(1 << COUNTER_BITS):
-            self._next_pid = (self._next_pid + 1) & ((1 << COUNTER_BITS) - 1) or 1
-            pid = make_pid(self.settings.machine_id, self.worker_index, self._next_pid)
-            if pid not in self.sessions:
+    def register(self, session: Any, backend_pid: int | None) -> tuple[int, int]:
+        """A BackendKeyData for this session. Its secret names this machine and worker (so a cancel
+        reaching any of them finds the session); its pid is the backend's own when the session keeps
+        one backend (session mode), else one no PostgreSQL process can have."""
+        while True:
+            secret = key_secret(self.settings.machine_id, self.worker_index, secrets.randbits(32))
+            if backend_pid is not None:
+                pid = backend_pid
+            else:
+                self._next_pid += 1
+                pid = session_pid(self.settings.machine_id, self.worker_index, self._next_pid)
+            if (pid, secret) not in self.sessions:
                 break
-        self.sessions[pid] = session
-        return pid, int.from_bytes(os.urandom(4), "big", signed=True)
+        self.sessions[(pid, secret)] = session
+        return pid, secret
 
-    def unregister(self, session: Session) -> None:
-        if session.pid and self.sessions.get(session.pid) is session:
-            del self.sessions[session.pid]
+    def unregister(self, session: Any) -> None:
+        key = (session.pid, session.secret)
+        if session.pid and self.sessions.get(key) is session:
+            del self.sessions[key]
 
     def cancel(self, pid: int, secret: int) -> None:
-        machine, worker, _ = split_pid(pid)
+        machine, worker = key_worker(secret)
         if machine != self.settings.machine_id:  # another machine's key: its engine forwards it, if it can
             if self.remote_cancel is not None:
                 self.remote_cancel(machine, pid, secret)
@@ -137,9 +151,8 @@ class Server:
             self.router.forward_cancel(worker, pid, secret)
             self.metrics.cancels_forwarded += 1
             return
-        session = self.sessions.get(pid)
-        if session is not None and hmac.compare_digest(secret.to_bytes(4, "big", signed=True),
-                                                      session.secret.to_bytes(4, "big", signed=True)):
+        session = self.sessions.get((pid, secret))
+        if session is not None:
             session.cancel()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -187,11 +200,3 @@ def _tls_end_point(settings: Settings) -> bytes | None:
     with open(settings.tls_cert, "rb") as f:
         cert = x509.load_pem_x509_certificates(f.read())[0]
     return tls_server_end_point(cert.public_bytes(Encoding.DER))
-
-
-def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    """`o7s serve`: a supervisor and its worker processes; `reload` re-reads settings on SIGHUP."""
-    from o7s_cluster import cluster
-
-    logs.setup(settings.log_level, role="supervisor")
-    trio.run(cluster.supervise, settings, reload)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from o7s_cluster import redisconn
-from o7s_cluster.affinity import split_pid
+from o7s_cluster.worker.affinity import key_worker
 
 if TYPE_CHECKING:
-    from o7s_cluster.server import Server
+    from o7s_cluster.worker.server import Server
 
 log = logging.getLogger("o7s.cancelbus")
 _KEY = struct.Struct("!ii")
@@ -50,7 +50,7 @@ class CancelBus:
         if len(data) != _KEY.size:
             return
         pid, secret = _KEY.unpack(data)
-        machine, worker, _ = split_pid(pid)
+        machine, worker = key_worker(secret)
         if machine == self.machine and worker == self.server.worker_index:
             self.server.cancel(pid, secret)
 

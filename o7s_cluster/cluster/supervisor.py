@@ -24,10 +24,11 @@ import orjson
 import psycopg
 import trio
 
-from o7s_cluster.affinity import MAX_WORKERS
+from o7s_cluster.worker.affinity import MAX_WORKERS
+from o7s_cluster import logs
 from o7s_cluster.config import Settings, parse_listen
 from o7s_cluster.limits.release import release_dead_worker
-from o7s_cluster.worker import supervisor_socket_path
+from o7s_cluster.worker.router import supervisor_socket_path
 
 log = logging.getLogger("o7s.cluster")
 
@@ -108,7 +109,7 @@ class Supervisor:
         env = dict(os.environ)
         env["O7S_WORKER_SETTINGS"] = orjson.dumps(dataclasses.asdict(self.settings)).decode()
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "o7s_cluster.worker", str(index), self.run_dir], env=env)
+            [sys.executable, "-m", "o7s_cluster.worker.process", str(index), self.run_dir], env=env)
         old = self.handles.get(index)
         handle = WorkerHandle(index, proc, time.time(), restarts=(old.restarts + 1) if old else 0,
                               startup_failures=old.startup_failures if old else 0)
@@ -344,3 +345,9 @@ async def supervise(settings: Settings, reload: Callable[[], Settings] | None = 
     await supervisor.run()
     if supervisor.failure:
         raise ClusterError(supervisor.failure)
+
+
+def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """`o7s serve`: a supervisor and its worker processes; `reload` re-reads settings on SIGHUP."""
+    logs.setup(settings.log_level, role="supervisor")
+    trio.run(supervise, settings, reload)

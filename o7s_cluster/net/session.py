@@ -1,0 +1,446 @@
+"""One client session in a worker: login, then two long-lived tasks that move bytes.
+
+The client task reads the client, feeds the session core and applies what it asks (attach a
+backend, wait for a token); the backend task reads whichever backend is attached, feeds the core,
+and gives the backend back when the core says it is free. No task is started per transaction, and
+every decision about the bytes is the core's (`o7s_cluster.proxy.session`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from o7s_cluster.limits import LimitError
+from o7s_cluster.admin.metrics import OrgMetrics
+from o7s_cluster.net.backend import BackendConn, BackendError, send_cancel
+from o7s_cluster.net.channel import AnyChannel, Channel
+from o7s_cluster.net.counters import SessionCounters
+from o7s_cluster.net.login import Login, limit_error
+from o7s_cluster.pgwire import errors as codes
+from o7s_cluster.pgwire import messages as m
+from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
+from o7s_cluster.proxy.params import SYNCED_REPORTED, sync_sql
+from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, RELEASE, TERMINATE, SessionCore
+
+if TYPE_CHECKING:
+    from o7s_cluster.limits import Bucket, Ticket
+    from o7s_cluster.net.pool import Pool
+    from o7s_cluster.usage import UsageCounters
+    from o7s_cluster.worker.server import Server
+
+log = logging.getLogger("o7s.session")
+_NOBODY = OrgMetrics("_unauthenticated", "none")
+HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing more waits
+_THROTTLE_FLOOR = 0.001  # a token that took less than this to come did not throttle the query
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error that ended a session's nursery (its two tasks fail for one cause)."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for exc in g.exceptions:
+            walk(exc) if isinstance(exc, BaseExceptionGroup) else leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+
+
+class _Outbox:
+    """One direction's send: whoever finds it idle sends everything queued, including what the other
+    task adds meanwhile; the other task only waits when too much is queued."""
+
+    __slots__ = ("busy", "lot")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.lot = trio.lowlevel.ParkingLot()
+
+    async def flush(self, channel: AnyChannel, buf: bytearray) -> None:
+        if self.busy:
+            if len(buf) > HIGH_WATER:
+                await self.lot.park()
+            return
+        self.busy = True
+        try:
+            await channel.send(buf)
+        finally:
+            self.busy = False
+            if self.lot:
+                self.lot.unpark_all()
+
+
+class ClientSession:
+    def __init__(self, server: Server, sock: socket.socket, peer: str, *, preread: bytes = b"",
+                 tls_pending: bool = False, handed_off: bool = False) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.peer = peer
+        self.channel: AnyChannel = Channel(sock)
+        self.login = Login(server, self.channel, peer, preread=preread, tls_pending=tls_pending,
+                           handed_off=handed_off, owner=self)
+        self.handed_off = handed_off
+        self.scope = trio.CancelScope()
+        self.draining = False
+        self.logged_in = False
+        self.org = ""
+        self.db_name = ""
+        self.pid = 0
+        self.secret = 0
+        self.core: SessionCore | None = None
+        self.conn: BackendConn | None = None
+        self.pool: Pool | None = None
+        self.metrics: OrgMetrics = _NOBODY
+        self.usage: UsageCounters | None = None
+        self.bucket: Bucket | None = None
+        self.ticket: Ticket | None = None
+        self._attached_at = 0.0
+        self._attach_lot = trio.lowlevel.ParkingLot()
+        self._to_client = _Outbox()
+        self._to_backend = _Outbox()
+
+    # --- top level ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                await self._run()
+            if self.scope.cancelled_caught:  # drained (SIGTERM, or the drain timeout ran out)
+                await self._send_final(m.error_response(
+                    "FATAL", codes.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
+                    hint="O7s is restarting or scaling down; reconnect."))
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    def drain(self) -> None:
+        """Stop this session once it is between transactions (now, if it already is)."""
+        self.draining = True
+        core = self.core
+        if not self.logged_in or core is None or (core.idle() and (self.conn is None or not core.pinned)):
+            self.scope.cancel()
+
+    async def _run(self) -> None:
+        login = self.login
+        try:
+            try:
+                with trio.fail_after(self.settings.startup_timeout):
+                    started = await login.run()
+            except trio.TooSlowError:
+                raise ClientError(codes.CONNECTION_FAILURE,
+                                  f"start-up and authentication timed out after {self.settings.startup_timeout:g} s") from None
+            finally:
+                login.release_budget()
+                self.channel = login.channel
+                self.ticket = login.ticket
+                if login.conn is not None:
+                    self.pool = login.pool
+                    self._attach_conn(login.conn)
+            if started:
+                self._logged_in()
+                await self._serve()
+        except ClientError as exc:
+            await self._send_final(exc.to_bytes())
+        except LimitError as exc:
+            await self._send_final(limit_error(exc).to_bytes())
+        except ProtocolViolation as exc:
+            self.server.metrics.protocol_errors += 1
+            await self._send_final(m.error_response("FATAL", codes.PROTOCOL_VIOLATION, f"protocol violation: {exc}"))
+        except BackendError as exc:
+            await self._lose_backend()
+            await self._send_final(m.error_response(
+                "FATAL", exc.sqlstate if exc.sqlstate.startswith("08") else codes.CONNECTION_FAILURE,
+                f"lost the connection to database \"{self.db_name}\": {exc.reason}"))
+        except _BackendGone:
+            await self._lose_backend()
+            await self._send_final(b"")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            pass  # the client went away
+        except Exception:
+            # A bug must cost one session, never the worker.
+            log.exception("session failed", extra={"org": self.org, "peer": self.peer})
+            await self._lose_backend()
+            await self._send_final(m.error_response("FATAL", codes.INTERNAL_ERROR, "internal error in O7s"))
+
+    def _logged_in(self) -> None:
+        login = self.login
+        assert login.login is not None and login.pool is not None
+        self.logged_in = True
+        self.org = login.org
+        self.db_name = login.db_name
+        self.pid, self.secret = login.pid, login.secret
+        self.pool = login.pool
+        self.bucket = login.bucket
+        server = self.server
+        self.metrics = server.metrics.org(login.login.name, login.login.tier)
+        self.metrics.client_connections += 1
+        server.metrics.sessions_total += 1
+        if self.handed_off:
+            self.metrics.handoffs_in += 1
+        if self.conn is not None:
+            self.metrics.backend_connections += 1
+        self.usage = server.usage.counters(login.login.org_id, login.login.name, self.pool.db_type,
+                                           tier=login.login.tier)
+        self.usage.connection_opened()
+        bucket = self.bucket
+        assert bucket is not None
+        self.core = SessionCore(
+            transaction_mode=self.settings.pool_mode == "transaction",
+            counters=SessionCounters(self.metrics, self.usage),
+            pool_statements=self.pool.statements,
+            client_params=login.client_params,
+            take_token=bucket.try_admit,
+            max_message=self.settings.max_message_size,
+        )
+        if self.conn is not None:
+            self.core.attached(self.conn.state)
+
+    async def _send_final(self, data: bytes) -> None:
+        """Send a last error, then linger briefly so that unread client bytes do not turn our FIN
+        into a reset that would discard the error before the client reads it."""
+        channel = self.channel
+        with trio.move_on_after(2):
+            try:
+                out = bytearray(self.core.to_client if self.core is not None else b"")
+                out += data
+                await channel.send(out)
+                if isinstance(channel, Channel):
+                    channel.sock.shutdown(socket.SHUT_WR)
+                    with trio.move_on_after(0.5):
+                        drained = 0
+                        while drained < 1 << 20 and (chunk := await channel.receive()):
+                            drained += len(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, ssl.SSLError, OSError):
+                pass
+
+    async def _cleanup(self) -> None:
+        self.server.unregister(self)
+        conn, self.conn = self.conn, None
+        if conn is not None and self.pool is not None:
+            self.metrics.backend_connections -= 1
+            await self._give_back(conn, self.pool)
+        if self.logged_in:
+            self.metrics.client_connections -= 1
+            if self.core is not None:
+                self.core.statements.drop_all()
+        if self.usage is not None:
+            self.usage.connection_closed()
+        if self.ticket is not None:
+            self.ticket.release()
+        self.channel.close()
+
+    async def _give_back(self, conn: BackendConn, pool: Pool) -> None:
+        """Return a connection at the end of a session: only clean and idle, else it is closed."""
+        core = self.core
+        if core is not None and core.idle() and conn.reader.pending() == 0:
+            if not core.transaction_mode or core.pinned:
+                try:
+                    await conn.query_until_ready("DISCARD ALL")
+                except (BackendError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await pool.discard(conn)
+                    return
+                conn.state.reset()
+            pool.release(conn)
+            return
+        if core is not None and core.owed:  # a query is still running for a client that has gone: stop it
+            await send_cancel(conn.target, conn.pid, conn.secret, timeout=2)
+        await pool.discard(conn)
+
+    async def _lose_backend(self) -> None:
+        conn, self.conn = self.conn, None
+        if self.core is not None:
+            self.core.detach()
+        if conn is not None and self.pool is not None:
+            self.metrics.backend_connections -= 1
+            with trio.CancelScope(shield=True):
+                await self.pool.discard(conn)
+
+    # --- serving -------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._backend_loop)
+                await self._client_loop()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+
+    async def _client_loop(self) -> None:
+        core = self.core
+        assert core is not None
+        channel = self.channel
+        timeout = self.settings.message_timeout
+        while True:
+            if core.partial_input():
+                with trio.move_on_after(timeout) as scope:
+                    data = await channel.receive()
+                if scope.cancelled_caught:
+                    raise ClientError(codes.PROTOCOL_VIOLATION,
+                                      f"message not completed within {timeout:g} s (--message-timeout)")
+            else:
+                data = await channel.receive()
+            if not data:
+                return
+            action = core.feed_client(data, time.perf_counter())
+            while action is not PROCEED:
+                if action == NEED_BACKEND:
+                    await self._attach()
+                elif action == NEED_TOKEN:
+                    await self._wait_token()
+                elif action == TERMINATE:
+                    if core.to_backend:
+                        await self._flush_backend()
+                    return
+                action = core.resume(time.perf_counter())
+            self.server.input_budget.check(self, core.input_buffered())
+            if core.to_backend:
+                await self._flush_backend()
+            if core.to_client:
+                await self._flush_client()
+
+    async def _backend_loop(self) -> None:
+        core = self.core
+        assert core is not None
+        while True:
+            conn = self.conn
+            if conn is None:
+                await self._attach_lot.park()
+                continue
+            data = await conn.channel.receive()
+            if not data:
+                if core.backend_fatal:
+                    # The server said why (e.g. 57P01 terminating connection): the client hears it as directly.
+                    await self._flush_client()
+                    raise _BackendGone()
+                raise BackendError("the database server closed the connection")
+            verdict = core.feed_backend(data, time.perf_counter())
+            if core.to_backend:
+                await self._flush_backend()
+            if verdict == RELEASE:
+                self._release()
+            if core.to_client:
+                await self._flush_client()
+            if self.draining and core.idle() and not core.pinned:
+                self.scope.cancel()
+
+    async def _flush_client(self) -> None:
+        assert self.core is not None
+        await self._to_client.flush(self.channel, self.core.to_client)
+
+    async def _flush_backend(self) -> None:
+        conn = self.conn
+        assert conn is not None and self.core is not None
+        try:
+            await self._to_backend.flush(conn.channel, self.core.to_backend)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise BackendError("the database server closed the connection") from None
+
+    # --- backends ------------------------------------------------------------------------------
+
+    def _attach_conn(self, conn: BackendConn) -> None:
+        self.conn = conn
+        self._attached_at = time.perf_counter()
+        if self.core is not None:
+            self.core.attached(conn.state)
+            self.metrics.backend_connections += 1
+        self._attach_lot.unpark()
+
+    def _release(self) -> None:
+        conn, self.conn = self.conn, None
+        assert conn is not None and self.pool is not None and self.core is not None
+        self.core.detach()
+        self.metrics.backend_connections -= 1
+        if self.usage is not None:
+            self.usage.backend_seconds += time.perf_counter() - self._attached_at
+        self.pool.release(conn)
+
+    async def _attach(self) -> None:
+        """A backend for the message at the front, with the client's settings; or the error instead."""
+        core = self.core
+        pool = self.pool
+        assert core is not None and pool is not None
+        if core.to_client:
+            await self._flush_client()
+        conn = pool.try_acquire()
+        if conn is None:
+            if pool.would_wait():
+                self.metrics.pool_waits += 1
+            started = time.perf_counter()
+            try:
+                conn = await pool.acquire()
+            except BackendError as exc:
+                core.attach_failed(ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": "
+                                               f"{exc.reason}", fatal=False))
+                return
+            finally:
+                self.metrics.pool_wait_seconds += time.perf_counter() - started
+        sql = sync_sql(core.client_params, conn.state.settings)
+        if sql:
+            try:
+                await conn.query_until_ready(sql, timeout=self.settings.server_connect_timeout)
+            except BackendError as exc:
+                conn.state.settings.applied.clear()
+                await pool.discard(conn)
+                # Most likely a start-up setting of the client's that the server refuses: drop the client's
+                # settings so that the session stays usable, and say so.
+                known = pool.server_params or {}
+                core.client_params.clear()
+                core.client_params.update((k, v) for k, v in known.items() if k in SYNCED_REPORTED)
+                core.attach_failed(ClientError(
+                    exc.sqlstate, f"could not apply your session settings on database \"{self.db_name}\": "
+                    f"{exc.reason.partition(' ')[2] or exc.reason}",
+                    hint="Your settings were reset to the server's defaults; SET them again.", fatal=False))
+                return
+            except BaseException:
+                conn.state.settings.applied.clear()
+                await pool.discard(conn)
+                raise
+        self._attach_conn(conn)
+
+    async def _wait_token(self) -> None:
+        core = self.core
+        bucket = self.bucket
+        assert core is not None and bucket is not None
+        if core.to_backend:
+            await self._flush_backend()
+        if core.to_client:
+            await self._flush_client()
+        started = trio.current_time()
+        try:
+            await bucket.admit(core.tx_status != b"I")
+        except LimitError as exc:
+            core.token_refused(limit_error(exc))
+            return
+        core.token_granted(trio.current_time() - started >= _THROTTLE_FLOOR)
+
+    # --- cancel --------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """A CancelRequest with this session's key: reach its backend while one of its queries runs,
+        and keep that backend from anyone else until the cancel has landed."""
+        conn = self.conn
+        core = self.core
+        if conn is None or core is None or self.pool is None or not core.query_running():
+            return
+        conn.cancels += 1
+        self.server.spawn(self._cancel, conn, self.pool)
+
+    async def _cancel(self, conn: BackendConn, pool: Pool) -> None:
+        try:
+            await send_cancel(conn.target, conn.pid, conn.secret)
+        finally:
+            pool.cancel_landed(conn)
+
+
+class _BackendGone(Exception):
+    """The backend closed after telling the client why (a FATAL error already relayed)."""

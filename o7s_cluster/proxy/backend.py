@@ -1,0 +1,21 @@
+"""What the session core knows of one backend connection: its settings and its prepared statements."""
+
+from __future__ import annotations
+
+from o7s_cluster.proxy.params import BackendSettings
+from o7s_cluster.proxy.statements import ServerStatements
+
+
+class BackendState:
+    """Pure state kept with a pooled backend connection, handed to whichever session attaches it."""
+
+    __slots__ = ("settings", "prepared")
+
+    def __init__(self) -> None:
+        self.settings = BackendSettings()
+        self.prepared = ServerStatements()
+
+    def reset(self) -> None:
+        """After DISCARD ALL: nothing of any client's is left on the server."""
+        self.settings.applied.clear()
+        self.prepared.clear()

@@ -1,0 +1,769 @@
+"""The core of one logged-in session: what to send each way, and when a backend is needed or free.
+
+`SessionCore` takes the bytes a client sent (`feed_client`) and the bytes its backend sent
+(`feed_backend`), and leaves what to send in `to_backend` and `to_client`. It tells the shell when
+it needs a backend (`NEED_BACKEND`), a rate-limit token (`NEED_TOKEN`), and when the backend may go
+back to the pool (`RELEASE`). Times are handed in; counters are fed once per event.
+
+Transaction mode keeps, besides the queue of responses owed (`proxy.owed`), the client's named
+statements (`proxy.statements`), its session settings (`proxy.params`) and the read-back of session
+state (`proxy.readback`). Session mode relays the client's messages as they are.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from o7s_cluster.pgwire import errors as codes
+from o7s_cluster.pgwire import messages as m
+from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
+from o7s_cluster.proxy import owed
+from o7s_cluster.proxy.backend import BackendState
+from o7s_cluster.proxy.owed import Kind, Pending
+from o7s_cluster.proxy.params import SYNCED_REPORTED, normalize_value
+from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state, readback_sql
+from o7s_cluster.proxy.statements import (
+    MAX_PREPARED_PER_BACKEND,
+    MAX_PREPARED_PER_CLIENT,
+    ClientStatements,
+    PoolStatements,
+    Statement,
+    statement_key,
+)
+
+# What feed_client / resume ask of the shell.
+PROCEED = 0        # all complete messages handled: send the output, read more from the client
+NEED_BACKEND = 1   # attach a backend (then `attached`) or report why not (`attach_failed`)
+NEED_TOKEN = 2     # wait for a rate-limit token (then `token_granted` or `token_refused`)
+TERMINATE = 3      # the client said goodbye
+
+# What feed_backend tells the shell.
+KEEP = 0
+RELEASE = 1        # the backend is clean and idle: give it back to the pool
+
+# Frontend message types.
+_QUERY, _PARSE, _BIND, _EXECUTE, _DESCRIBE, _CLOSE, _SYNC, _FLUSH, _FUNCTION, _TERMINATE = b"QPBEDCSHFX"
+_COPY_DATA, _COPY_DONE, _COPY_FAIL = b"dcf"
+_FRONTEND = frozenset(b"QPBEDCSHFXdcf")
+# Backend message types the core looks at; everything else (DataRow above all) passes untouched.
+_READY, _PARSE_DONE, _BIND_DONE, _CLOSE_DONE, _ROW_DESC, _NO_DATA = b"Z123Tn"
+_COMMAND_DONE, _EMPTY_QUERY, _SUSPENDED, _ERROR, _PARAMETER, _DATA_ROW = b"CIsESD"
+_INTERESTING = frozenset(b"Z123TnCIsES")
+_STATEMENT = ord("S")
+_FATAL_SEVERITY = (b"SFATAL", b"SPANIC")
+
+# Client messages larger than this pass through to the backend as they arrive rather than being
+# buffered whole (PostgreSQL itself caps a message at 1 GiB; `max_message` caps it here).
+STREAM_AT = 256 * 1024
+_STREAM_PREFIX = 4096            # bytes of a streamed message read before it starts (names, SQL head)
+_STREAMABLE = frozenset(b"QPBFd")
+MAX_CONTROL_MESSAGE = 64 * 1024  # Execute, Describe, Close, Sync, Flush, CopyDone, CopyFail, Terminate
+MAX_NAMED_PARSE = 1 << 20        # transaction mode keeps a named statement's text to prepare it anywhere
+BACKEND_STREAM_AT = 256 * 1024   # backend messages larger than this (big rows) are relayed as they arrive
+
+_I32 = struct.Struct("!i")
+_HEADER = struct.Struct("!ci")
+_DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
+_DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*\Z",
+                         re.IGNORECASE)
+
+
+class Counters(Protocol):
+    """The per-org counters a session feeds (metrics and usage records read the same ones)."""
+
+    bytes_in: int
+    bytes_out: int
+    throttled: int
+    refused: int
+    errors: int
+
+    def query_done(self, seconds: float, rows: int, ok: bool) -> None: ...
+
+
+def _rows(tag: bytes | bytearray) -> int:
+    space = tag.rfind(b" ")
+    if space < 0:
+        return 0
+    last = tag[space + 1:]
+    return int(last) if last.isdigit() else 0
+
+
+class SessionCore:
+    """The decisions of one client session between login and goodbye (see the module docstring)."""
+
+    def __init__(self, *, transaction_mode: bool, counters: Counters, pool_statements: PoolStatements,
+                 client_params: dict[str, str], take_token: Callable[[], bool],
+                 max_message: int = 1 << 30) -> None:
+        self.transaction_mode = transaction_mode
+        self.counters = counters
+        self.take_token = take_token
+        self.max_message = max_message
+        self.client_params = client_params      # the client's session settings (follow it across backends)
+        self.statements = ClientStatements(pool_statements)
+        self.pool_statements = pool_statements
+        self.to_backend = bytearray()
+        self.to_client = bytearray()
+        self.owed: deque[Pending] = deque()
+        self.backend: BackendState | None = None
+        self.tx_status = b"I"
+        # Client side.
+        self._cbuf = bytearray()
+        self._cpos = 0
+        self._stream_left = 0       # bytes of a large client message still to pass through
+        self._discard_left = 0      # bytes of a refused large client message still to drop
+        self._granted = False       # the message at the front already has its token
+        self.unsynced = False       # extended-protocol messages sent since the last Sync
+        self.skip_until_sync = False
+        self._sync_to_backend = False  # the Sync that ends a skipped batch still goes to the backend
+        self._lazy_sync = False     # a batch answered here (named Parse) awaits its Sync
+        # Backend side.
+        self._bbuf = bytearray()
+        self._bpos = 0
+        self._bstream_left = 0      # bytes of a large backend message still to relay
+        self._query_rows = 0        # rows of the simple query in progress (its CommandCompletes)
+        self._query_ok = True
+        # Session state (transaction mode).
+        self._readback_due = False  # a statement may have changed session state since the last read-back
+        self._readback: Readback | None = None
+        self._custom: list[str] = []  # custom settings the client named: read back by name
+        self.pinned = ""            # why the client keeps its backend ('' when it does not)
+        self.backend_fatal = False  # the backend said it is terminating the session
+        self.draining = False
+
+    # --- the shell's view -------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """Nothing owed, no batch or transaction open: a backend here may go back to the pool."""
+        return (not self.owed and not self.unsynced and self.tx_status == b"I" and not self._stream_left
+                and self._bpos == len(self._bbuf))
+
+    def query_running(self) -> bool:
+        """A cancel now would reach one of this session's queries."""
+        return self.backend is not None and any(p.kind in (Kind.EXECUTE, Kind.QUERY, Kind.SYNC) and not p.hidden
+                                                for p in self.owed)
+
+    def input_buffered(self) -> int:
+        """Client bytes held here (a partial message)."""
+        return len(self._cbuf) - self._cpos
+
+    def partial_input(self) -> bool:
+        return self._cpos < len(self._cbuf) or self._stream_left > 0 or self._discard_left > 0
+
+    # --- client → backend -------------------------------------------------------------------
+
+    def feed_client(self, data: bytes | bytearray | memoryview, now: float) -> int:
+        self.counters.bytes_in += len(data)
+        buf = self._cbuf
+        if self._cpos:
+            del buf[: self._cpos]
+            self._cpos = 0
+        buf += data
+        return self.resume(now)
+
+    def resume(self, now: float) -> int:
+        """Handle client messages until one needs something of the shell."""
+        buf = self._cbuf
+        pos = self._cpos
+        out = self.to_backend
+        end_of_data = len(buf)
+        while True:
+            avail = end_of_data - pos
+            if self._stream_left:
+                n = min(avail, self._stream_left)
+                out += buf[pos:pos + n]
+                pos += n
+                self._stream_left -= n
+                if self._stream_left:
+                    break
+                continue
+            if self._discard_left:
+                n = min(avail, self._discard_left)
+                pos += n
+                self._discard_left -= n
+                if self._discard_left:
+                    break
+                continue
+            if avail < 5:
+                if avail and buf[pos] not in _FRONTEND:
+                    raise ProtocolViolation(f"invalid message type {buf[pos]:#04x}")
+                break
+            t = buf[pos]
+            if t not in _FRONTEND:
+                raise ProtocolViolation(f"invalid message type {t:#04x}")
+            length = _I32.unpack_from(buf, pos + 1)[0]
+            if length < 4 or length > self.max_message:
+                raise ProtocolViolation(f"invalid message length {length} (limit {self.max_message})")
+            stop = pos + 1 + length
+            if stop > end_of_data:
+                if t not in _STREAMABLE:
+                    if length > MAX_CONTROL_MESSAGE:
+                        raise ProtocolViolation(f"invalid message length {length} for message type {chr(t)!r}")
+                    break
+                if length <= STREAM_AT or avail < _STREAM_PREFIX:
+                    break
+                self._cpos = pos
+                action = self._stream_head(t, pos, stop, now)
+                pos = self._cpos
+                if action is not PROCEED:
+                    return action
+                continue
+            self._cpos = pos
+            action = self._message(t, pos, stop, now)
+            if action is not PROCEED:
+                return action
+            pos = self._cpos = stop
+        self._cpos = pos
+        return PROCEED
+
+    def _message(self, t: int, s: int, e: int, now: float) -> int:
+        """One whole client message at buf[s:e]. PROCEED once it is handled; else the shell's turn
+        (the message stays at the front and is handled again on `resume`)."""
+        buf = self._cbuf
+        if t == _TERMINATE:
+            return TERMINATE
+        if self.skip_until_sync:
+            if t != _SYNC:
+                return PROCEED
+            self.skip_until_sync = False
+            if not self._sync_to_backend:
+                self._fake(m.ready_for_query(self.tx_status))
+                return PROCEED
+            self._sync_to_backend = False  # earlier messages of the batch went to the backend
+        elif (t == _QUERY or t == _EXECUTE or t == _FUNCTION) and not self._granted:
+            if not self.take_token():
+                return NEED_TOKEN
+            self._granted = True
+        backend = self.backend
+        if self.transaction_mode:
+            if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e):
+                self._granted = False
+                return PROCEED
+            if backend is None and self.tx_status == b"I":
+                # A named Parse outside a transaction needs no backend yet: it is prepared where its
+                # Bind or Describe lands, so that clients preparing with a blocking call (PQprepare)
+                # never wait for a backend just to prepare.
+                if t == _PARSE and self._parse_locally(s, e):
+                    return PROCEED
+                if self._lazy_sync and (t == _SYNC or t == _FLUSH):
+                    if t == _SYNC:
+                        self._lazy_sync = False
+                        self.unsynced = False
+                        self._fake(m.ready_for_query(self.tx_status))
+                    return PROCEED
+        if backend is None:
+            return NEED_BACKEND
+        self._granted = False
+        self._lazy_sync = False
+        if self.pinned:
+            self._readback_due = True  # is the state that pins it gone yet? asked once it is at rest
+        self._forward(backend, t, s, e, now)
+        return PROCEED
+
+    def _stream_head(self, t: int, s: int, stop: int, now: float) -> int:
+        """The start of a large message: bookkeeping on its head, then its bytes pass through."""
+        buf = self._cbuf
+        avail_end = len(buf)
+        if self.skip_until_sync:
+            self._discard_left = stop - s
+            self._cpos = s
+            return PROCEED
+        if (t == _QUERY or t == _FUNCTION) and not self._granted:
+            if not self.take_token():
+                return NEED_TOKEN
+            self._granted = True
+        if self.backend is None:
+            return NEED_BACKEND
+        backend = self.backend
+        self._granted = False
+        self._lazy_sync = False
+        head_end = min(avail_end, stop)
+        if t == _QUERY:
+            self.owed.append(Pending(Kind.QUERY, started=now))
+            self._readback_due = True  # too large to scan: assume it may change state
+            self.to_backend += buf[s:head_end]
+        elif t == _FUNCTION:
+            self.owed.append(Pending(Kind.QUERY, started=now))
+            self._readback_due = True
+            self.to_backend += buf[s:head_end]
+        elif t == _COPY_DATA:
+            self.to_backend += buf[s:head_end]
+        elif t == _PARSE:
+            name_end = buf.find(b"\x00", s + 5, s + 5 + _STREAM_PREFIX)
+            if name_end < 0:
+                raise ProtocolViolation("statement name too long")
+            self.unsynced = True
+            if name_end > s + 5 and self.transaction_mode:
+                # A named statement's text is kept to prepare it on other backends: capped.
+                self._refuse_streamed(ClientError(
+                    codes.PROGRAM_LIMIT_EXCEEDED,
+                    f"prepared statement text too long ({stop - s} bytes; limit {MAX_NAMED_PARSE} for a named "
+                    "statement in transaction mode)", fatal=False), s, stop)
+                return PROCEED
+            self.owed.append(owed.PARSE)
+            self._readback_due = True
+            self.to_backend += buf[s:head_end]
+        else:  # Bind
+            portal_end = buf.find(b"\x00", s + 5, s + 5 + _STREAM_PREFIX)
+            stmt_end = buf.find(b"\x00", portal_end + 1, s + 5 + _STREAM_PREFIX) if portal_end >= 0 else -1
+            if stmt_end < 0:
+                raise ProtocolViolation("portal or statement name too long")
+            self.unsynced = True
+            name = bytes(buf[portal_end + 1:stmt_end])
+            statement = self.statements.get(name) if (name and self.transaction_mode) else None
+            if statement is not None:
+                if statement.stateful:
+                    self._readback_due = True
+                key = self._prepare_on(backend, statement)
+                body_len = (stop - s - 1) - len(name) + len(key)
+                self.to_backend += b"B" + _I32.pack(body_len) + buf[s + 5:portal_end + 1] + key
+                self.to_backend += buf[stmt_end:head_end]
+            else:
+                self.to_backend += buf[s:head_end]
+            self.owed.append(owed.BIND)
+        self._stream_left = stop - head_end
+        self._cpos = head_end
+        return PROCEED
+
+    def _refuse_streamed(self, error: ClientError, s: int, stop: int) -> None:
+        """Drop a large message the client is still sending, answer it with `error`, skip its batch."""
+        self.counters.errors += 1
+        self._fake(error.to_bytes())
+        self.skip_until_sync = True
+        self._sync_to_backend = self.backend is not None and self.unsynced
+        self._discard_left = stop - s
+        self._cpos = s
+
+    # --- the shell's answers ----------------------------------------------------------------
+
+    def attached(self, backend: BackendState) -> None:
+        """A backend now serves this client (its settings already match the client's)."""
+        self.backend = backend
+        stale = self.pool_statements.unused
+        if stale and backend.prepared.keys and self.transaction_mode:
+            for key in [k for k in backend.prepared.keys if k in stale]:
+                backend.prepared.forget(key)
+                self.to_backend += m.close_statement(key)
+                self.owed.append(owed.HIDDEN_CLOSE)
+            if self.owed:
+                self.to_backend += m.sync()
+                self.owed.append(owed.HIDDEN_SYNC)
+
+    def attach_failed(self, error: ClientError) -> None:
+        """No backend could be had: the message at the front gets the error, its batch is skipped."""
+        self.counters.errors += 1
+        self._granted = False
+        buf = self._cbuf
+        t = buf[self._cpos]
+        length = _I32.unpack_from(buf, self._cpos + 1)[0]
+        stop = self._cpos + 1 + length
+        self._fake(error.to_bytes())
+        if t == _QUERY or t == _FUNCTION:
+            self._fake(m.ready_for_query(self.tx_status))
+        elif t == _SYNC:
+            self._fake(m.ready_for_query(self.tx_status))
+        else:
+            self.skip_until_sync = True
+        if stop <= len(buf):
+            self._cpos = stop
+        else:  # a large message: drop the rest of it as it arrives
+            self._discard_left = stop - len(buf)
+            self._cpos = len(buf)
+
+    def token_granted(self, waited: bool) -> None:
+        if waited:
+            self.counters.throttled += 1
+        self._granted = True
+
+    def token_refused(self, error: ClientError) -> None:
+        """Over the rate limit: the query at the front is answered with `error` and not run."""
+        self.counters.refused += 1
+        buf = self._cbuf
+        t = buf[self._cpos]
+        length = _I32.unpack_from(buf, self._cpos + 1)[0]
+        stop = self._cpos + 1 + length
+        if t == _QUERY or t == _FUNCTION:
+            self._fake(error.to_bytes(), ready=True)
+        else:  # Execute: the rest of its batch is skipped, as after any error
+            self._fake(error.to_bytes())
+            self.skip_until_sync = True
+            self._sync_to_backend = self.backend is not None and self.unsynced
+        if stop <= len(buf):
+            self._cpos = stop
+        else:
+            self._discard_left = stop - len(buf)
+            self._cpos = len(buf)
+
+    def detach(self) -> BackendState | None:
+        """The shell takes the backend away (given back, or lost)."""
+        backend, self.backend = self.backend, None
+        return backend
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    def _fake(self, data: bytes, *, ready: bool = False) -> None:
+        """Answer the client ourselves, after every response still owed to it."""
+        if self.owed:
+            self.owed.append(Pending(Kind.FAKE, reply=data, ready=ready))
+        else:
+            self.to_client += data
+            if ready:
+                self.to_client += m.ready_for_query(self.tx_status)
+
+    def _forward(self, backend: BackendState, t: int, s: int, e: int, now: float) -> None:
+        buf = self._cbuf
+        out = self.to_backend
+        owed_ = self.owed
+        if t == _QUERY:
+            owed_.append(Pending(Kind.QUERY, started=now))
+            out += buf[s:e]
+            if self.transaction_mode and may_change_state(memoryview(buf)[s + 5:e - 1]):
+                self._note_state(buf[s + 5:e - 1])
+        elif t == _BIND:
+            self.unsynced = True
+            if self.transaction_mode:
+                portal_end = buf.find(b"\x00", s + 5, e)
+                stmt_end = buf.find(b"\x00", portal_end + 1, e) if portal_end >= 0 else -1
+                if stmt_end < 0:
+                    raise ProtocolViolation("malformed Bind message")
+                if stmt_end > portal_end + 1:
+                    statement = self.statements.get(bytes(buf[portal_end + 1:stmt_end]))
+                    if statement is not None:
+                        if statement.stateful:
+                            self._readback_due = True
+                        key = self._prepare_on(backend, statement)
+                        body_len = (e - s - 1) - (stmt_end - portal_end - 1) + len(key)
+                        out += b"B" + _I32.pack(body_len) + buf[s + 5:portal_end + 1] + key + buf[stmt_end:e]
+                        owed_.append(owed.BIND)
+                        return
+            out += buf[s:e]
+            owed_.append(owed.BIND)
+        elif t == _EXECUTE:
+            self.unsynced = True
+            owed_.append(Pending(Kind.EXECUTE, started=now))
+            out += buf[s:e]
+        elif t == _SYNC:
+            self.unsynced = False
+            owed_.append(Pending(Kind.SYNC, started=now))
+            out += buf[s:e]
+        elif t == _PARSE:
+            self.unsynced = True
+            if self.transaction_mode:
+                name, rest = m.split_parse(bytes(buf[s + 5:e]))
+                if name:
+                    self._parse_named(backend, name, rest)
+                    return
+                if may_change_state(rest):
+                    self._note_state(rest)
+            owed_.append(owed.PARSE)
+            out += buf[s:e]
+        elif t == _DESCRIBE:
+            self.unsynced = True
+            if self.transaction_mode:
+                kind, name = m.split_describe_close(bytes(buf[s + 5:e]))
+                statement = self.statements.get(name) if kind == _STATEMENT and name else None
+                if statement is not None:
+                    key = self._prepare_on(backend, statement)
+                    out += m.describe_statement(key)
+                    owed_.append(owed.DESCRIBE)
+                    return
+            out += buf[s:e]
+            owed_.append(owed.DESCRIBE)
+        elif t == _CLOSE:  # of a portal, or (session mode) of any statement
+            self.unsynced = True
+            owed_.append(owed.CLOSE)
+            out += buf[s:e]
+        elif t == _FLUSH:
+            self.unsynced = True
+            out += buf[s:e]
+        elif t == _FUNCTION:
+            owed_.append(Pending(Kind.QUERY, started=now))
+            self._readback_due = self.transaction_mode
+            out += buf[s:e]
+        else:  # CopyData, CopyDone, CopyFail
+            out += buf[s:e]
+
+    def _note_state(self, sql: bytes | bytearray) -> None:
+        self._readback_due = True
+        for name in custom_names(sql):
+            if name not in self._custom:
+                self._custom.append(name)
+
+    def _parse_named(self, backend: BackendState, name: bytes, rest: bytes) -> None:
+        if self.statements.full(name):
+            raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
+                              f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
+        statement = Statement(statement_key(rest), rest, may_change_state(rest))
+        if statement.stateful:
+            self._note_state(rest)
+        self.statements.define(name, statement)
+        key = statement.key
+        prepared = backend.prepared
+        if key in prepared:
+            prepared.touch(key)
+            self._fake(m.parse_complete())
+            return
+        self._make_room(backend)
+        self.to_backend += m.parse(key, rest)
+        self.owed.append(Pending(Kind.PARSE, statement=key))
+        prepared.add(key)
+
+    def _prepare_on(self, backend: BackendState, statement: Statement) -> bytes:
+        """Server-side name of a client's statement, injecting its Parse if this backend lacks it."""
+        key = statement.key
+        prepared = backend.prepared
+        if key in prepared:
+            prepared.touch(key)
+            return key
+        self._make_room(backend)
+        self.to_backend += m.parse(key, statement.parse_rest)
+        self.owed.append(Pending(Kind.PARSE, hidden=True, statement=key))
+        prepared.add(key)
+        return key
+
+    def _make_room(self, backend: BackendState) -> None:
+        if len(backend.prepared) >= MAX_PREPARED_PER_BACKEND:
+            self.to_backend += m.close_statement(backend.prepared.oldest())
+            self.owed.append(owed.HIDDEN_CLOSE)
+
+    def _parse_locally(self, s: int, e: int) -> bool:
+        name, rest = m.split_parse(bytes(self._cbuf[s + 5:e]))
+        if not name:
+            return False
+        if len(rest) > MAX_NAMED_PARSE:
+            raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
+                              f"prepared statement text too long (limit {MAX_NAMED_PARSE} bytes)")
+        if self.statements.full(name):
+            return False  # _parse_named refuses it with the limit's error
+        statement = Statement(statement_key(rest), rest, may_change_state(rest))
+        if statement.stateful:
+            self._note_state(rest)
+        self.statements.define(name, statement)
+        self._lazy_sync = True
+        self._fake(m.parse_complete())
+        return True
+
+    def _answer_locally(self, t: int, s: int, e: int) -> bool:
+        """Close or DEALLOCATE of a protocol-level statement: O7s owns those names, so it answers."""
+        buf = self._cbuf
+        if t == _CLOSE:
+            kind, name = m.split_describe_close(bytes(buf[s + 5:e]))
+            if kind != _STATEMENT or not self.statements.drop(name):
+                return False
+            if self.backend is None:
+                self._lazy_sync = True  # its Sync needs no backend either
+            else:
+                self.unsynced = True
+            self._fake(m.close_complete())
+            return True
+        if not _DEALLOCATE_START.match(buf, s + 5, e):
+            return False
+        match = _DEALLOCATE.match(buf, s + 5, e - 1)
+        if not match:
+            return False
+        word = match.group(1)
+        if word.lower() == b"all":
+            self.statements.drop_all()
+            return False  # the server drops its statements too; the relay sees the tag and forgets them
+        name = word[1:-1].replace(b'""', b'"') if word.startswith(b'"') else word.lower()
+        if not self.statements.drop(bytes(name)):
+            return False  # maybe an SQL-level PREPARE: the server knows it
+        self._fake(m.command_complete("DEALLOCATE"), ready=True)
+        return True
+
+    # --- backend → client -------------------------------------------------------------------
+
+    def feed_backend(self, data: bytes | bytearray | memoryview, now: float) -> int:
+        """Relay what the backend said; RELEASE when the backend may go back to the pool."""
+        buf = self._bbuf
+        if self._bpos:
+            del buf[: self._bpos]
+            self._bpos = 0
+        buf += data
+        out = self.to_client
+        start_out = len(out)
+        pos = 0
+        seg = 0  # start of the bytes to forward as they are
+        end_of_data = len(buf)
+        owed_ = self.owed
+        interesting = _INTERESTING
+        while True:
+            if self._bstream_left:
+                n = min(end_of_data - pos, self._bstream_left)
+                pos += n
+                self._bstream_left -= n
+                if self._bstream_left:
+                    break
+                continue
+            if end_of_data - pos < 5:
+                break
+            t = buf[pos]
+            length = _I32.unpack_from(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"invalid backend message length {length}")
+            stop = pos + 1 + length
+            if stop > end_of_data:
+                if length > BACKEND_STREAM_AT and t not in interesting and not (owed_ and owed_[0].hidden):
+                    self._bstream_left = stop - end_of_data
+                    pos = end_of_data
+                break
+            if owed_ and owed_[0].kind is Kind.READBACK:
+                out += buf[seg:pos]
+                seg = stop
+                if self._readback_message(t, pos, stop):
+                    self._after_pop(out)
+                pos = stop
+                continue
+            if t not in interesting:
+                pos = stop
+                continue
+            popped = False
+            hidden = False
+            if t == _READY:
+                self.tx_status = bytes(buf[pos + 5:pos + 6])
+                if owed_:
+                    p = owed_.popleft()
+                    popped = True
+                    hidden = p.hidden
+                    if p.kind is Kind.QUERY:
+                        self.counters.query_done(now - p.started, self._query_rows, self._query_ok)
+                        self._query_rows = 0
+                        self._query_ok = True
+            elif t == _PARSE_DONE or t == _BIND_DONE or t == _CLOSE_DONE:
+                if owed_:
+                    hidden = owed_.popleft().hidden
+                    popped = True
+            elif t == _ROW_DESC or t == _NO_DATA:
+                if owed_ and owed_[0].kind is Kind.DESCRIBE:
+                    owed_.popleft()
+                    popped = True
+            elif t == _COMMAND_DONE or t == _EMPTY_QUERY or t == _SUSPENDED:
+                rows = _rows(buf[pos + 5:stop - 1]) if t == _COMMAND_DONE else 0
+                if t == _COMMAND_DONE and rows == 0:
+                    self._on_tag(buf[pos + 5:stop - 1])
+                if owed_:
+                    front = owed_[0]
+                    if front.kind is Kind.EXECUTE:
+                        owed_.popleft()
+                        popped = True
+                        self.counters.query_done(now - front.started, rows, True)
+                    elif front.kind is Kind.QUERY:
+                        self._query_rows += rows
+            elif t == _ERROR:
+                if buf[pos + 5:pos + 11] in _FATAL_SEVERITY:
+                    self.backend_fatal = True
+                # Errors always reach the client, even one answering a statement O7s prepared for it
+                # (a lazily prepared statement's syntax error shows at its first use).
+                if owed_:
+                    front = owed_[0]
+                    if front.kind is Kind.QUERY:
+                        self._query_ok = False
+                    elif front.kind is not Kind.SYNC:
+                        if front.kind is Kind.EXECUTE:
+                            self.counters.query_done(now - front.started, 0, False)
+                        # The server skips everything up to the next Sync; so do the answers owed.
+                        while owed_ and owed_[0].kind is not Kind.SYNC:
+                            p = owed_.popleft()
+                            if p.kind is Kind.PARSE and p.statement and self.backend is not None:
+                                self.backend.prepared.forget(p.statement)
+                        popped = True
+            elif t == _PARAMETER:
+                name, value = m.parse_parameter_status(bytes(buf[pos + 5:stop]))
+                if self.backend is not None:
+                    self.backend.settings.reported[name] = value
+                if name in SYNCED_REPORTED:
+                    self.client_params[name] = value
+            if hidden:
+                out += buf[seg:pos]
+                seg = stop
+            pos = stop
+            if popped and owed_ and owed_[0].kind is Kind.FAKE:
+                out += buf[seg:pos]
+                seg = pos
+                self._after_pop(out)
+        out += buf[seg:pos]
+        self._bpos = pos
+        self.counters.bytes_out += len(out) - start_out
+        if self.owed or self.tx_status != b"I" or self.unsynced or self._bstream_left or pos != end_of_data:
+            return KEEP
+        return self._at_rest()
+
+    def _after_pop(self, out: bytearray) -> None:
+        """Answers O7s made itself go out as soon as everything before them has."""
+        owed_ = self.owed
+        while owed_ and owed_[0].kind is Kind.FAKE:
+            p = owed_.popleft()
+            out += p.reply
+            if p.ready:
+                out += m.ready_for_query(self.tx_status)
+
+    def _at_rest(self) -> int:
+        """The backend is idle and owes nothing: read session state back, or give it back."""
+        if not self.transaction_mode or self.backend is None:
+            return KEEP
+        if self._readback_due:
+            self._readback_due = False
+            self._readback = Readback()
+            self.to_backend += m.query(readback_sql(self._custom))
+            self.owed.append(owed.READBACK)
+            return KEEP
+        if self.pinned:
+            return KEEP
+        return RELEASE
+
+    def _readback_message(self, t: int, s: int, e: int) -> bool:
+        """One message of the read-back; True at its end (ReadyForQuery)."""
+        buf = self._bbuf
+        result = self._readback
+        assert result is not None
+        backend = self.backend
+        if t == _DATA_ROW:
+            result.row(memoryview(buf)[s + 5:e], backend.settings.reported if backend else {})
+        elif t == _ERROR:
+            result.failed = True
+        elif t == _PARAMETER and backend is not None:
+            name, value = m.parse_parameter_status(bytes(buf[s + 5:e]))
+            backend.settings.reported[name] = value
+        elif t == _READY:
+            self.owed.popleft()
+            self._readback = None
+            if result.failed:
+                # Cannot tell what the session holds: keep the client on this backend.
+                self.pinned = "session state O7s could not read"
+            else:
+                self._apply_readback(result)
+            self.tx_status = bytes(buf[s + 5:s + 6])
+            return True
+        return False
+
+    def _apply_readback(self, result: Readback) -> None:
+        backend = self.backend
+        reported = backend.settings.reported if backend is not None else {}
+        for name in [n for n in self.client_params if n not in reported]:
+            del self.client_params[name]
+        self.client_params.update(result.settings)
+        if backend is not None:
+            backend.settings.applied = dict(result.settings)
+        self.pinned = result.state
+
+    def _on_tag(self, tag: bytes | bytearray) -> None:
+        if tag == b"DISCARD ALL" or tag == b"DEALLOCATE ALL":
+            if self.backend is not None:
+                self.backend.prepared.clear()
+            if tag == b"DISCARD ALL" and self.transaction_mode:
+                self._readback_due = True
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    @staticmethod
+    def login_params(known: dict[str, str], wanted: dict[str, str]) -> dict[str, str]:
+        """The parameters to report at login without a backend: the server's, with the client's own."""
+        reported = dict(known)
+        for name, value in wanted.items():
+            if name in reported:
+                reported[name] = normalize_value(name, value)
+        return reported
+

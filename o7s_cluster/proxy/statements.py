@@ -1,0 +1,126 @@
+"""Named prepared statements in transaction mode: the client's names, the server's, and who holds what.
+
+A client's statement is prepared on the server under a name derived from its text and parameter
+types, so clients that prepare the same query share one server-side statement, and it is prepared
+lazily on whichever backend serves the client next (as PgBouncer 1.21+ does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+MAX_PREPARED_PER_BACKEND = 256   # server-side statements a backend keeps before O7s closes old ones
+MAX_PREPARED_PER_CLIENT = 10000  # named statements one client may hold
+MAX_UNUSED_TRACKED = 1024        # server-side statements nobody names any more, waiting to be closed
+
+
+def statement_key(parse_rest: bytes) -> bytes:
+    """Server-side name of a statement: the same query text and types share one prepared statement."""
+    return b"o7s_" + hashlib.blake2b(parse_rest, digest_size=12).hexdigest().encode()
+
+
+class Statement:
+    """One client-named statement: its server-side name, its Parse body, and whether running it may
+    change session state (then the session's state is read back after it)."""
+
+    __slots__ = ("key", "parse_rest", "stateful")
+
+    def __init__(self, key: bytes, parse_rest: bytes, stateful: bool) -> None:
+        self.key = key
+        self.parse_rest = parse_rest
+        self.stateful = stateful
+
+
+class PoolStatements:
+    """How many clients of one pool (on this worker) name each server-side statement.
+
+    A statement no client names any more is closed on each backend that holds it, the next time
+    that backend is attached, so that dropped statements do not stay prepared for ever.
+    """
+
+    __slots__ = ("refs", "unused")
+
+    def __init__(self) -> None:
+        self.refs: dict[bytes, int] = {}
+        self.unused: set[bytes] = set()
+
+    def retain(self, key: bytes) -> None:
+        self.refs[key] = self.refs.get(key, 0) + 1
+        self.unused.discard(key)
+
+    def release(self, key: bytes) -> None:
+        n = self.refs.get(key, 0) - 1
+        if n > 0:
+            self.refs[key] = n
+            return
+        self.refs.pop(key, None)
+        if len(self.unused) >= MAX_UNUSED_TRACKED:
+            self.unused.clear()  # past this, old statements go by each backend's LRU alone
+        self.unused.add(key)
+
+
+class ServerStatements:
+    """The server-side statements one backend connection holds, least recently used first."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        self.keys: OrderedDict[bytes, None] = OrderedDict()
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def touch(self, key: bytes) -> None:
+        self.keys.move_to_end(key)
+
+    def add(self, key: bytes) -> None:
+        self.keys[key] = None
+
+    def forget(self, key: bytes) -> None:
+        self.keys.pop(key, None)
+
+    def oldest(self) -> bytes:
+        key, _ = self.keys.popitem(last=False)
+        return key
+
+    def clear(self) -> None:
+        self.keys.clear()
+
+
+class ClientStatements:
+    """A client's named statements (transaction mode), each retained in its pool's counts."""
+
+    __slots__ = ("by_name", "pool")
+
+    def __init__(self, pool: PoolStatements) -> None:
+        self.by_name: dict[bytes, Statement] = {}
+        self.pool = pool
+
+    def get(self, name: bytes) -> Statement | None:
+        return self.by_name.get(name)
+
+    def full(self, name: bytes) -> bool:
+        return name not in self.by_name and len(self.by_name) >= MAX_PREPARED_PER_CLIENT
+
+    def define(self, name: bytes, statement: Statement) -> None:
+        old = self.by_name.get(name)
+        if old is not None:
+            self.pool.release(old.key)
+        self.by_name[name] = statement
+        self.pool.retain(statement.key)
+
+    def drop(self, name: bytes) -> bool:
+        statement = self.by_name.pop(name, None)
+        if statement is None:
+            return False
+        self.pool.release(statement.key)
+        return True
+
+    def drop_all(self) -> None:
+        for statement in self.by_name.values():
+            self.pool.release(statement.key)
+        self.by_name.clear()
