@@ -12,16 +12,8 @@ from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.readback import STATE_ROW, may_change_state
-from o7s_cluster.proxy.session import (
-    KEEP,
-    NEED_BACKEND,
-    NEED_TOKEN,
-    PROCEED,
-    RELEASE,
-    STREAM_AT,
-    TERMINATE,
-    SessionCore,
-)
+from o7s_cluster.proxy.relay import KEEP, RELEASE
+from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, STREAM_AT, TERMINATE, SessionCore
 from o7s_cluster.proxy.statements import PoolStatements, statement_key
 
 
@@ -256,6 +248,7 @@ def test_role_and_custom_settings_follow():
 ])
 def test_which_statements_may_change_session_state(sql, expected):
     assert may_change_state(sql.encode()) is expected
+    assert may_change_state(bytearray(sql.encode())) is expected  # as the core hands it a slice
 
 
 def test_rate_limit_refusal_answers_and_skips_the_query():

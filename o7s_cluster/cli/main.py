@@ -161,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "platform_dsn": getattr(args, "platform_dsn", None), "startup_timeout": args.startup_timeout,
         "pool_timeout": args.pool_timeout, "server_idle_timeout": args.server_idle_timeout,
         "server_connect_timeout": args.server_connect_timeout, "max_message_size": args.max_message_size,
+        "message_timeout": args.message_timeout, "input_budget": args.input_budget,
+        "preauth_budget": args.preauth_budget,
         "log_level": args.log_level, "workers": args.workers, "admin_listen": args.admin,
         "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
         "engine": args.engine, "ray_address": args.ray_address, "workers_per_node": args.workers_per_node,
@@ -271,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-idle-timeout", metavar="SECONDS")
     s.add_argument("--server-connect-timeout", metavar="SECONDS")
     s.add_argument("--max-message-size", metavar="BYTES")
+    s.add_argument("--message-timeout", metavar="SECONDS",
+                   help="give up a client message that stops arriving mid-way after this (30)")
+    s.add_argument("--input-budget", metavar="BYTES",
+                   help="a worker's bytes of partial client messages, past 64 KiB each (256MiB)")
+    s.add_argument("--preauth-budget", metavar="BYTES",
+                   help="a worker's bytes held for clients that have not logged in (32MiB)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     s.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
     s.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP port: /health /ready /metrics /v1/... "

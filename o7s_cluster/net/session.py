@@ -26,7 +26,8 @@ from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy.params import SYNCED_REPORTED, sync_sql
-from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, RELEASE, TERMINATE, SessionCore
+from o7s_cluster.proxy.relay import RELEASE
+from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, TERMINATE, SessionCore
 
 if TYPE_CHECKING:
     from o7s_cluster.limits import Bucket, Ticket

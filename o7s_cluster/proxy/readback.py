@@ -80,7 +80,7 @@ _NOT_A_CALL_AFTER = frozenset(w.encode() for w in
                               "into table references on index type function procedure view exists returns".split())
 
 
-def may_change_state(sql: bytes | bytearray | memoryview) -> bool:
+def may_change_state(sql: bytes | bytearray) -> bool:
     """True when a statement's text may leave session state behind (false positives cost one read-back)."""
     if _STATEFUL_START.search(sql) or _TEMP.search(sql):
         return True
@@ -99,7 +99,7 @@ def may_change_state(sql: bytes | bytearray | memoryview) -> bool:
     return False
 
 
-def custom_names(sql: bytes | bytearray | memoryview) -> list[str]:
+def custom_names(sql: bytes | bytearray) -> list[str]:
     """Custom (dotted) settings a statement names, lower-cased: they are read back by name."""
     found = [m.group(1) for m in _CUSTOM_SET.finditer(sql)] + [m.group(1) for m in _CUSTOM_CONFIG.finditer(sql)]
     out = []

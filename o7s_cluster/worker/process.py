@@ -22,6 +22,7 @@ from o7s_cluster.usage import UsageRecorder
 from o7s_cluster.control_plane.vault import Vault
 from o7s_cluster.worker.cancelbus import CancelBus
 from o7s_cluster.worker.router import Router, supervisor_socket_path, worker_socket_path
+from o7s_cluster.worker.server import Server
 
 log = logging.getLogger("o7s.worker")
 # accept() errors that mean "out of resources for now": wait a little, as trio.serve_listeners does.

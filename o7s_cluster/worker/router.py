@@ -15,15 +15,20 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from o7s_cluster.admin.metrics import WorkerMetrics
 from o7s_cluster.worker.affinity import home_worker
 
-if TYPE_CHECKING:
-    from o7s_cluster.worker.server import Server
+
+
+class CancelTarget(Protocol):
+    """The worker's sessions, as far as a forwarded cancel is concerned (worker.server.Server)."""
+
+    def cancel(self, pid: int, secret: int) -> None: ...
+
 
 log = logging.getLogger("o7s.router")
 
@@ -38,14 +43,6 @@ def supervisor_socket_path(run_dir: str) -> str:
 
 _HANDOFF, _CANCEL = b"H", b"C"
 _MAX_DATAGRAM = 64 * 1024
-
-
-def worker_socket_path(run_dir: str, index: int) -> str:
-    return str(Path(run_dir) / f"w{index}.sock")
-
-
-def supervisor_socket_path(run_dir: str) -> str:
-    return str(Path(run_dir) / "supervisor.sock")
 
 
 class Router:
@@ -98,7 +95,7 @@ class Router:
         except OSError:
             pass
 
-    async def receive(self, server: Server, serve: Callable[[socket.socket, bytes, bool], None]) -> None:
+    async def receive(self, server: CancelTarget, serve: Callable[[socket.socket, bytes, bool], None]) -> None:
         """Cancels for this worker's sessions, and connections handed to it (given to `serve`)."""
         while True:
             data, ancdata, _flags, _addr = await self.sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(4))

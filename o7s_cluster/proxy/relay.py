@@ -1,0 +1,252 @@
+"""The backend → client half of the session core: relay what the backend says against the queue of
+responses owed, swallow O7s's own, and tell when the backend is free (see `proxy.session`)."""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Protocol
+
+from o7s_cluster.pgwire import messages as m
+from o7s_cluster.pgwire.errors import ProtocolViolation
+from o7s_cluster.proxy import owed
+from o7s_cluster.proxy.backend import BackendState
+from o7s_cluster.proxy.owed import Kind, Pending
+from o7s_cluster.proxy.params import SYNCED_REPORTED
+from o7s_cluster.proxy.readback import Readback, readback_sql
+
+# What feed_backend tells the shell.
+KEEP = 0
+RELEASE = 1        # the backend is clean and idle: give it back to the pool
+
+# Backend message types the core looks at; everything else (DataRow above all) passes untouched.
+_READY, _PARSE_DONE, _BIND_DONE, _CLOSE_DONE, _ROW_DESC, _NO_DATA = b"Z123Tn"
+_COMMAND_DONE, _EMPTY_QUERY, _SUSPENDED, _ERROR, _PARAMETER, _DATA_ROW = b"CIsESD"
+_INTERESTING = frozenset(b"Z123TnCIsES")
+_FATAL_SEVERITY = (b"SFATAL", b"SPANIC")
+BACKEND_STREAM_AT = 256 * 1024   # backend messages larger than this (big rows) are relayed as they arrive
+_I32 = struct.Struct("!i")
+
+
+class Counters(Protocol):
+    """The per-org counters a session feeds (metrics and usage records read the same ones)."""
+
+    bytes_in: int
+    bytes_out: int
+    throttled: int
+    refused: int
+    errors: int
+
+    def query_done(self, seconds: float, rows: int, ok: bool) -> None: ...
+
+
+def _rows(tag: bytes | bytearray) -> int:
+    space = tag.rfind(b" ")
+    if space < 0:
+        return 0
+    last = tag[space + 1:]
+    return int(last) if last.isdigit() else 0
+
+
+class BackendRelay:
+    """Backend → client. The state it reads and keeps is the session core's (set up there)."""
+
+    transaction_mode: bool
+    counters: Counters
+    client_params: dict[str, str]
+    to_backend: bytearray
+    to_client: bytearray
+    owed: deque[Pending]
+    backend: BackendState | None
+    tx_status: bytes
+    unsynced: bool
+    pinned: str
+    backend_fatal: bool
+    _bbuf: bytearray
+    _bpos: int
+    _bstream_left: int
+    _query_rows: int
+    _query_ok: bool
+    _readback_due: bool
+    _readback: Readback | None
+    _custom: list[str]
+
+    def feed_backend(self, data: bytes | bytearray | memoryview, now: float) -> int:
+        """Relay what the backend said; RELEASE when the backend may go back to the pool."""
+        buf = self._bbuf
+        if self._bpos:
+            del buf[: self._bpos]
+            self._bpos = 0
+        buf += data
+        out = self.to_client
+        start_out = len(out)
+        pos = 0
+        seg = 0  # start of the bytes to forward as they are
+        end_of_data = len(buf)
+        owed_ = self.owed
+        interesting = _INTERESTING
+        while True:
+            if self._bstream_left:
+                n = min(end_of_data - pos, self._bstream_left)
+                pos += n
+                self._bstream_left -= n
+                if self._bstream_left:
+                    break
+                continue
+            if end_of_data - pos < 5:
+                break
+            t = buf[pos]
+            length = _I32.unpack_from(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"invalid backend message length {length}")
+            stop = pos + 1 + length
+            if stop > end_of_data:
+                if length > BACKEND_STREAM_AT and t not in interesting and not (owed_ and owed_[0].hidden):
+                    self._bstream_left = stop - end_of_data
+                    pos = end_of_data
+                break
+            if owed_ and owed_[0].kind is Kind.READBACK:
+                out += buf[seg:pos]
+                seg = stop
+                if self._readback_message(t, pos, stop):
+                    self._after_pop(out)
+                pos = stop
+                continue
+            if t not in interesting:
+                pos = stop
+                continue
+            popped = False
+            hidden = False
+            if t == _READY:
+                self.tx_status = bytes(buf[pos + 5:pos + 6])
+                if owed_:
+                    p = owed_.popleft()
+                    popped = True
+                    hidden = p.hidden
+                    if p.kind is Kind.QUERY:
+                        self.counters.query_done(now - p.started, self._query_rows, self._query_ok)
+                        self._query_rows = 0
+                        self._query_ok = True
+            elif t == _PARSE_DONE or t == _BIND_DONE or t == _CLOSE_DONE:
+                if owed_:
+                    hidden = owed_.popleft().hidden
+                    popped = True
+            elif t == _ROW_DESC or t == _NO_DATA:
+                if owed_ and owed_[0].kind is Kind.DESCRIBE:
+                    owed_.popleft()
+                    popped = True
+            elif t == _COMMAND_DONE or t == _EMPTY_QUERY or t == _SUSPENDED:
+                rows = _rows(buf[pos + 5:stop - 1]) if t == _COMMAND_DONE else 0
+                if t == _COMMAND_DONE and rows == 0:
+                    self._on_tag(buf[pos + 5:stop - 1])
+                if owed_:
+                    front = owed_[0]
+                    if front.kind is Kind.EXECUTE:
+                        owed_.popleft()
+                        popped = True
+                        self.counters.query_done(now - front.started, rows, True)
+                    elif front.kind is Kind.QUERY:
+                        self._query_rows += rows
+            elif t == _ERROR:
+                if buf[pos + 5:pos + 11] in _FATAL_SEVERITY:
+                    self.backend_fatal = True
+                # Errors always reach the client, even one answering a statement O7s prepared for it
+                # (a lazily prepared statement's syntax error shows at its first use).
+                if owed_:
+                    front = owed_[0]
+                    if front.kind is Kind.QUERY:
+                        self._query_ok = False
+                    elif front.kind is not Kind.SYNC:
+                        if front.kind is Kind.EXECUTE:
+                            self.counters.query_done(now - front.started, 0, False)
+                        # The server skips everything up to the next Sync; so do the answers owed.
+                        while owed_ and owed_[0].kind is not Kind.SYNC:
+                            p = owed_.popleft()
+                            if p.kind is Kind.PARSE and p.statement and self.backend is not None:
+                                self.backend.prepared.forget(p.statement)
+                        popped = True
+            elif t == _PARAMETER:
+                name, value = m.parse_parameter_status(bytes(buf[pos + 5:stop]))
+                if self.backend is not None:
+                    self.backend.settings.reported[name] = value
+                if name in SYNCED_REPORTED:
+                    self.client_params[name] = value
+            if hidden:
+                out += buf[seg:pos]
+                seg = stop
+            pos = stop
+            if popped and owed_ and owed_[0].kind is Kind.FAKE:
+                out += buf[seg:pos]
+                seg = pos
+                self._after_pop(out)
+        out += buf[seg:pos]
+        self._bpos = pos
+        self.counters.bytes_out += len(out) - start_out
+        if self.owed or self.tx_status != b"I" or self.unsynced or self._bstream_left or pos != end_of_data:
+            return KEEP
+        return self._at_rest()
+
+    def _after_pop(self, out: bytearray) -> None:
+        """Answers O7s made itself go out as soon as everything before them has."""
+        owed_ = self.owed
+        while owed_ and owed_[0].kind is Kind.FAKE:
+            p = owed_.popleft()
+            out += p.reply
+            if p.ready:
+                out += m.ready_for_query(self.tx_status)
+
+    def _at_rest(self) -> int:
+        """The backend is idle and owes nothing: read session state back, or give it back."""
+        if not self.transaction_mode or self.backend is None:
+            return KEEP
+        if self._readback_due:
+            self._readback_due = False
+            self._readback = Readback()
+            self.to_backend += m.query(readback_sql(self._custom))
+            self.owed.append(owed.READBACK)
+            return KEEP
+        if self.pinned:
+            return KEEP
+        return RELEASE
+
+    def _readback_message(self, t: int, s: int, e: int) -> bool:
+        """One message of the read-back; True at its end (ReadyForQuery)."""
+        buf = self._bbuf
+        result = self._readback
+        assert result is not None
+        backend = self.backend
+        if t == _DATA_ROW:
+            result.row(memoryview(buf)[s + 5:e], backend.settings.reported if backend else {})
+        elif t == _ERROR:
+            result.failed = True
+        elif t == _PARAMETER and backend is not None:
+            name, value = m.parse_parameter_status(bytes(buf[s + 5:e]))
+            backend.settings.reported[name] = value
+        elif t == _READY:
+            self.owed.popleft()
+            self._readback = None
+            if result.failed:
+                # Cannot tell what the session holds: keep the client on this backend.
+                self.pinned = "session state O7s could not read"
+            else:
+                self._apply_readback(result)
+            self.tx_status = bytes(buf[s + 5:s + 6])
+            return True
+        return False
+
+    def _apply_readback(self, result: Readback) -> None:
+        backend = self.backend
+        reported = backend.settings.reported if backend is not None else {}
+        for name in [n for n in self.client_params if n not in reported]:
+            del self.client_params[name]
+        self.client_params.update(result.settings)
+        if backend is not None:
+            backend.settings.applied = dict(result.settings)
+        self.pinned = result.state
+
+    def _on_tag(self, tag: bytes | bytearray) -> None:
+        if tag == b"DISCARD ALL" or tag == b"DEALLOCATE ALL":
+            if self.backend is not None:
+                self.backend.prepared.clear()
+            if tag == b"DISCARD ALL" and self.transaction_mode:
+                self._readback_due = True
