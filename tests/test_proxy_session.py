@@ -380,3 +380,18 @@ def test_random_chunking_of_client_and_backend_streams(sizes):
     assert got.startswith(expected_to_client)
     assert got.endswith(error("42601") + ready())
     assert not c.owed
+
+
+def test_large_backend_rows_are_relayed_as_they_arrive():
+    c = core()
+    attach(c, query("select big"))
+    c.to_backend.clear()
+    big = row("x" * (3 * 256 * 1024))
+    answer = ROWDESC + big + complete("SELECT 1") + ready()
+    relayed = b""
+    for pos in range(0, len(answer), 50000):
+        backend_says(c, answer[pos:pos + 50000])
+        relayed += take(c.to_client)
+        assert len(c._bbuf) - c._bpos < 60000  # nothing of the big row is held back
+    assert relayed == answer
+    assert c.counters.queries == [(1, True)] and c.idle()

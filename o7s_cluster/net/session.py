@@ -225,6 +225,7 @@ class ClientSession:
 
     async def _cleanup(self) -> None:
         self.server.unregister(self)
+        self.server.input_budget.forget(self)
         conn, self.conn = self.conn, None
         if conn is not None and self.pool is not None:
             self.metrics.backend_connections -= 1

@@ -26,6 +26,14 @@ _INTERESTING = frozenset(b"Z123TnCIsES")
 _FATAL_SEVERITY = (b"SFATAL", b"SPANIC")
 BACKEND_STREAM_AT = 256 * 1024   # backend messages larger than this (big rows) are relayed as they arrive
 _I32 = struct.Struct("!i")
+# Enum members as module globals: the per-message loops compare them often.
+_K_DESCRIBE = Kind.DESCRIBE
+_K_EXECUTE = Kind.EXECUTE
+_K_FAKE = Kind.FAKE
+_K_PARSE = Kind.PARSE
+_K_QUERY = Kind.QUERY
+_K_READBACK = Kind.READBACK
+_K_SYNC = Kind.SYNC
 
 
 class Counters(Protocol):
@@ -85,14 +93,10 @@ class BackendRelay:
         end_of_data = len(buf)
         owed_ = self.owed
         interesting = _INTERESTING
-        while True:
-            if self._bstream_left:
-                n = min(end_of_data - pos, self._bstream_left)
-                pos += n
-                self._bstream_left -= n
-                if self._bstream_left:
-                    break
-                continue
+        if self._bstream_left:  # the rest of a large message, relayed as it arrives
+            pos = min(end_of_data, self._bstream_left)
+            self._bstream_left -= pos
+        while not self._bstream_left:
             if end_of_data - pos < 5:
                 break
             t = buf[pos]
@@ -105,7 +109,7 @@ class BackendRelay:
                     self._bstream_left = stop - end_of_data
                     pos = end_of_data
                 break
-            if owed_ and owed_[0].kind is Kind.READBACK:
+            if owed_ and owed_[0].kind is _K_READBACK:
                 out += buf[seg:pos]
                 seg = stop
                 if self._readback_message(t, pos, stop):
@@ -123,7 +127,7 @@ class BackendRelay:
                     p = owed_.popleft()
                     popped = True
                     hidden = p.hidden
-                    if p.kind is Kind.QUERY:
+                    if p.kind is _K_QUERY:
                         self.counters.query_done(now - p.started, self._query_rows, self._query_ok)
                         self._query_rows = 0
                         self._query_ok = True
@@ -132,7 +136,7 @@ class BackendRelay:
                     hidden = owed_.popleft().hidden
                     popped = True
             elif t == _ROW_DESC or t == _NO_DATA:
-                if owed_ and owed_[0].kind is Kind.DESCRIBE:
+                if owed_ and owed_[0].kind is _K_DESCRIBE:
                     owed_.popleft()
                     popped = True
             elif t == _COMMAND_DONE or t == _EMPTY_QUERY or t == _SUSPENDED:
@@ -141,11 +145,11 @@ class BackendRelay:
                     self._on_tag(buf[pos + 5:stop - 1])
                 if owed_:
                     front = owed_[0]
-                    if front.kind is Kind.EXECUTE:
+                    if front.kind is _K_EXECUTE:
                         owed_.popleft()
                         popped = True
                         self.counters.query_done(now - front.started, rows, True)
-                    elif front.kind is Kind.QUERY:
+                    elif front.kind is _K_QUERY:
                         self._query_rows += rows
             elif t == _ERROR:
                 if buf[pos + 5:pos + 11] in _FATAL_SEVERITY:
@@ -154,15 +158,15 @@ class BackendRelay:
                 # (a lazily prepared statement's syntax error shows at its first use).
                 if owed_:
                     front = owed_[0]
-                    if front.kind is Kind.QUERY:
+                    if front.kind is _K_QUERY:
                         self._query_ok = False
-                    elif front.kind is not Kind.SYNC:
-                        if front.kind is Kind.EXECUTE:
+                    elif front.kind is not _K_SYNC:
+                        if front.kind is _K_EXECUTE:
                             self.counters.query_done(now - front.started, 0, False)
                         # The server skips everything up to the next Sync; so do the answers owed.
-                        while owed_ and owed_[0].kind is not Kind.SYNC:
+                        while owed_ and owed_[0].kind is not _K_SYNC:
                             p = owed_.popleft()
-                            if p.kind is Kind.PARSE and p.statement and self.backend is not None:
+                            if p.kind is _K_PARSE and p.statement and self.backend is not None:
                                 self.backend.prepared.forget(p.statement)
                         popped = True
             elif t == _PARAMETER:
@@ -175,7 +179,7 @@ class BackendRelay:
                 out += buf[seg:pos]
                 seg = stop
             pos = stop
-            if popped and owed_ and owed_[0].kind is Kind.FAKE:
+            if popped and owed_ and owed_[0].kind is _K_FAKE:
                 out += buf[seg:pos]
                 seg = pos
                 self._after_pop(out)
@@ -189,7 +193,7 @@ class BackendRelay:
     def _after_pop(self, out: bytearray) -> None:
         """Answers O7s made itself go out as soon as everything before them has."""
         owed_ = self.owed
-        while owed_ and owed_[0].kind is Kind.FAKE:
+        while owed_ and owed_[0].kind is _K_FAKE:
             p = owed_.popleft()
             out += p.reply
             if p.ready:

@@ -56,6 +56,12 @@ MAX_CONTROL_MESSAGE = 64 * 1024  # Execute, Describe, Close, Sync, Flush, CopyDo
 MAX_NAMED_PARSE = 1 << 20        # transaction mode keeps a named statement's text to prepare it anywhere
 
 _I32 = struct.Struct("!i")
+# Enum members as module globals: the per-message loops compare them often.
+_K_EXECUTE = Kind.EXECUTE
+_K_FAKE = Kind.FAKE
+_K_PARSE = Kind.PARSE
+_K_QUERY = Kind.QUERY
+_K_SYNC = Kind.SYNC
 _HEADER = struct.Struct("!ci")
 _DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
 _DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*\Z",
@@ -113,7 +119,7 @@ class SessionCore(BackendRelay):
 
     def query_running(self) -> bool:
         """A cancel now would reach one of this session's queries."""
-        return self.backend is not None and any(p.kind in (Kind.EXECUTE, Kind.QUERY, Kind.SYNC) and not p.hidden
+        return self.backend is not None and any(p.kind in (_K_EXECUTE, _K_QUERY, _K_SYNC) and not p.hidden
                                                 for p in self.owed)
 
     def input_buffered(self) -> int:
@@ -251,11 +257,11 @@ class SessionCore(BackendRelay):
         self._lazy_sync = False
         head_end = min(avail_end, stop)
         if t == _QUERY:
-            self.owed.append(Pending(Kind.QUERY, started=now))
+            self.owed.append(Pending(_K_QUERY, started=now))
             self._readback_due = True  # too large to scan: assume it may change state
             self.to_backend += buf[s:head_end]
         elif t == _FUNCTION:
-            self.owed.append(Pending(Kind.QUERY, started=now))
+            self.owed.append(Pending(_K_QUERY, started=now))
             self._readback_due = True
             self.to_backend += buf[s:head_end]
         elif t == _COPY_DATA:
@@ -376,7 +382,7 @@ class SessionCore(BackendRelay):
     def _fake(self, data: bytes, *, ready: bool = False) -> None:
         """Answer the client ourselves, after every response still owed to it."""
         if self.owed:
-            self.owed.append(Pending(Kind.FAKE, reply=data, ready=ready))
+            self.owed.append(Pending(_K_FAKE, reply=data, ready=ready))
         else:
             self.to_client += data
             if ready:
@@ -387,7 +393,7 @@ class SessionCore(BackendRelay):
         out = self.to_backend
         owed_ = self.owed
         if t == _QUERY:
-            owed_.append(Pending(Kind.QUERY, started=now))
+            owed_.append(Pending(_K_QUERY, started=now))
             out += buf[s:e]
             if self.transaction_mode:
                 sql = buf[s + 5:e - 1]
@@ -414,11 +420,11 @@ class SessionCore(BackendRelay):
             owed_.append(owed.BIND)
         elif t == _EXECUTE:
             self.unsynced = True
-            owed_.append(Pending(Kind.EXECUTE, started=now))
+            owed_.append(Pending(_K_EXECUTE, started=now))
             out += buf[s:e]
         elif t == _SYNC:
             self.unsynced = False
-            owed_.append(Pending(Kind.SYNC, started=now))
+            owed_.append(Pending(_K_SYNC, started=now))
             out += buf[s:e]
         elif t == _PARSE:
             self.unsynced = True
@@ -451,7 +457,7 @@ class SessionCore(BackendRelay):
             self.unsynced = True
             out += buf[s:e]
         elif t == _FUNCTION:
-            owed_.append(Pending(Kind.QUERY, started=now))
+            owed_.append(Pending(_K_QUERY, started=now))
             self._readback_due = self.transaction_mode
             out += buf[s:e]
         else:  # CopyData, CopyDone, CopyFail
@@ -479,7 +485,7 @@ class SessionCore(BackendRelay):
             return
         self._make_room(backend)
         self.to_backend += m.parse(key, rest)
-        self.owed.append(Pending(Kind.PARSE, statement=key))
+        self.owed.append(Pending(_K_PARSE, statement=key))
         prepared.add(key)
 
     def _prepare_on(self, backend: BackendState, statement: Statement) -> bytes:
@@ -491,7 +497,7 @@ class SessionCore(BackendRelay):
             return key
         self._make_room(backend)
         self.to_backend += m.parse(key, statement.parse_rest)
-        self.owed.append(Pending(Kind.PARSE, hidden=True, statement=key))
+        self.owed.append(Pending(_K_PARSE, hidden=True, statement=key))
         prepared.add(key)
         return key
 
