@@ -167,7 +167,7 @@ def test_kill_9_of_the_home_worker_frees_its_orgs_connections_at_once(migrated, 
     import httpx
 
     from conftest import free_port
-    from o7s_cluster.affinity import home_worker
+    from o7s_cluster.worker.affinity import home_worker
 
     org = make_org("lim_dead", "free")
     admin = free_port()
