@@ -15,7 +15,7 @@ from conftest import run_o7s
 from o7s_cluster.usage.billing import (
     SEED_TIERS, OrgUsage, allocate, build_bill, gross_margin, invoice, metered_cost, month_bounds,
 )
-from o7s_cluster.usage import estimate
+from o7s_cluster.usage.records import estimate
 
 T = SEED_TIERS
 

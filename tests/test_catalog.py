@@ -10,7 +10,10 @@ import psycopg
 import pytest
 import trio
 
-from o7s_cluster.control_plane.catalog import MIGRATIONS_DIR, Admin, CatalogError, OrgLogin, TierLimits, TrioCatalog, migrate
+from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
+from o7s_cluster.control_plane.db import CatalogError, TierLimits
+from o7s_cluster.control_plane.migrate import MIGRATIONS_DIR, migrate
+from o7s_cluster.control_plane.orgs import Admin
 from o7s_cluster.control_plane.dsn import parse_dsn
 from o7s_cluster.pgwire.scram import make_verifier, parse_verifier
 from o7s_cluster.control_plane.vault import Vault, VaultError, generate_key
@@ -88,7 +91,7 @@ def test_concurrent_migrations_apply_once(fresh_db):
 
 
 def test_new_migration_files_apply_in_order(fresh_db, tmp_path):
-    from o7s_cluster.control_plane.catalog import MIGRATIONS_DIR
+    from o7s_cluster.control_plane.migrate import MIGRATIONS_DIR
 
     (tmp_path / "001_platform.sql").write_text((MIGRATIONS_DIR / "001_platform.sql").read_text())
     (tmp_path / "003_b.sql").write_text("ALTER TABLE platform.t2 ADD COLUMN y int;")

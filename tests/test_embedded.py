@@ -7,7 +7,8 @@ import socket
 import psycopg
 import trio
 
-from o7s_cluster.control_plane.catalog import Admin, TrioCatalog
+from o7s_cluster.control_plane.catalog import TrioCatalog
+from o7s_cluster.control_plane.orgs import Admin
 from o7s_cluster.config import Settings
 from o7s_cluster.control_plane.embedded import EmbeddedPostgres, embedded_platform
 from o7s_cluster.pgwire.scram import make_verifier, parse_verifier

@@ -17,12 +17,14 @@ import redis
 import trio
 import trio.testing
 
-from o7s_cluster.control_plane.catalog import TierLimits
+from o7s_cluster.control_plane.db import TierLimits
 from o7s_cluster.config import Settings
-from o7s_cluster.limits import (
-    TIER_CHANNEL, Bucket, LimitError, Limits, parse_tier_message, tier_message,
+from o7s_cluster.limits.bucket import Bucket
+from o7s_cluster.limits.errors import LimitError
+from o7s_cluster.limits.service import Limits
+from o7s_cluster.limits.tiers import (
+    TIER_CHANNEL, TierCache, org_key, parse_tier_message, publish_tier_change, tier_message,
 )
-from o7s_cluster.limits.tiers import TierCache, org_key, publish_tier_change
 
 FREE = TierLimits("free", 5, 10, 1, 3, 1000, 5000, "4MB", False)
 STARTER = TierLimits("starter", 10, 50, 10, 5, 1000, 15000, "8MB", True)
@@ -435,7 +437,7 @@ async def test_dead_workers_connections_expire(redis_server) -> None:
 async def test_a_dead_workers_counts_and_holdings_are_released_at_once(redis_server) -> None:
     """kill -9 leaves no goodbye: the supervisor's release_worker frees the counts and token holdings the dead
     worker named in its index, at once, and nothing of the living."""
-    from o7s_cluster.limits import worker_index_key
+    from o7s_cluster.limits.keys import worker_index_key
     from o7s_cluster.limits.release import release_worker
 
     dead = Limits(settings(redis_server.url), worker_key="m0-w1-4242")

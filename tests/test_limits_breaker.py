@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import RawPG, first_error, free_port, start_proxy, stop_proxy
 from o7s_cluster.config import ConfigError, Settings, load_settings
-from o7s_cluster.limits import Limits
+from o7s_cluster.limits.service import Limits
 from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy, LoginBreaker
 
 POLICY = BreakerPolicy(failures_max=10, window=150.0, block=120.0)

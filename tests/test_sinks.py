@@ -14,7 +14,9 @@ import trio
 from mongo_wire import FakeMongo
 from o7s_cluster.config import Settings
 from o7s_cluster.usage.sinks.mongo import MongoSink, to_document
-from o7s_cluster.usage import UsageRecord, UsageRecorder, make_sinks
+from o7s_cluster.usage.records import UsageRecord
+from o7s_cluster.usage.recorder import UsageRecorder
+from o7s_cluster.usage.sinks.base import make_sinks
 
 REAL_URL = os.environ.get("O7S_TEST_MONGODB_URL")
 # mockupdb's accept thread can trip over its own closed socket when the test server is stopped

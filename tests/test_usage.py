@@ -15,12 +15,13 @@ import pytest
 import trio
 
 from conftest import admin_dsn
-from o7s_cluster.control_plane.catalog import migrate
+from o7s_cluster.control_plane.migrate import migrate
 from o7s_cluster.config import Settings
 from o7s_cluster.usage.sinks.postgres import PostgresSink
-from o7s_cluster.usage import (
-    HEAVY_ROWS, UsageCounters, UsageRecord, UsageRecorder, decode_frames, encode_frame, estimate,
-)
+from o7s_cluster.usage.counters import UsageCounters
+from o7s_cluster.usage.records import HEAVY_ROWS, UsageRecord, estimate
+from o7s_cluster.usage.recorder import UsageRecorder
+from o7s_cluster.usage.spool import decode_frames, encode_frame
 
 
 class MemorySink:
@@ -84,7 +85,7 @@ def test_counters_hot_path():
 
 
 def test_rows_from_command_tags():
-    from o7s_cluster.usage import rows_from_tag
+    from o7s_cluster.usage.counters import rows_from_tag
 
     cases = {b"SELECT 5": 5, b"INSERT 0 3": 3, b"UPDATE 12": 12, b"DELETE 0": 0, b"MERGE 2": 2, b"FETCH 100": 100,
              b"MOVE 4": 4, b"COPY 7": 7, b"CREATE TABLE": 0, b"BEGIN": 0, b"SET": 0, b"": 0, b"SELECT x": 0,
@@ -141,11 +142,11 @@ async def test_window_records(tmp_path):
 
 
 def test_record_ids_are_deterministic_and_distinct():
-    from o7s_cluster.usage import record_id
+    from o7s_cluster.usage.records import record_id
 
     import uuid
 
-    from o7s_cluster.usage import USAGE_NAMESPACE
+    from o7s_cluster.usage.records import USAGE_NAMESPACE
 
     assert record_id("m0-w1", "boot", 3, "org", "postgres") == record_id("m0-w1", "boot", 3, "org", "postgres")
     assert record_id("m0-w1", "boot", 3, "org", None) == str(uuid.uuid5(USAGE_NAMESPACE, "m0-w1/boot/3/org/"))
@@ -201,7 +202,7 @@ async def test_partial_ack_survives_restart(tmp_path):
         rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
         await rec.flush()
     sink = MemorySink()
-    from o7s_cluster.usage import _SinkState
+    from o7s_cluster.usage.recorder import _SinkState
 
     rec._sinks = [_SinkState(sink)]
     assert await rec._ship_once(rec._spool, own=True)  # one frame shipped and acked
@@ -234,7 +235,7 @@ async def test_torn_segment_tail_is_ignored(tmp_path, caplog):
 _CRASHER = textwrap.dedent("""
     import sys, time, trio
     from o7s_cluster.config import Settings
-    from o7s_cluster.usage import UsageRecorder
+    from o7s_cluster.usage.recorder import UsageRecorder
 
     class Unused:
         name = "memory"  # the sink the test's next recorder has: same spool directory

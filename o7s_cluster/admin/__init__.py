@@ -1,2 +1,6 @@
-"""Operating a running cluster: per-worker counters and their Prometheus exposition (`metrics`), and the
-admin HTTP port (`http`: /health, /ready, /metrics, /v1/...)."""
+"""Operating a running cluster.
+
+Modules:
+    metrics.py   `WorkerMetrics`/`OrgMetrics` (the per-worker counters), aggregation, Prometheus exposition
+    http.py      the admin HTTP port: /health, /ready, /metrics, /v1/... (Hypercorn, trio)
+"""

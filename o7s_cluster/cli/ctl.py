@@ -22,19 +22,13 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
+from o7s_cluster.cli.common import CommandError, UsageError, print_json
 from o7s_cluster.config import ConfigError, load_settings, parse_listen
 
 MIN_WORKERS, MAX_WORKERS = 1, 64
 
 
-def _errors() -> tuple[type[Exception], type[Exception]]:
-    from o7s_cluster.cli.main import CommandError, UsageError  # late: cli imports this module while building its parser
-
-    return UsageError, CommandError
-
-
 def admin_address(args: argparse.Namespace) -> tuple[str, int]:
-    UsageError, _ = _errors()
     raw = getattr(args, "admin", None) or os.environ.get("O7S_ADMIN_LISTEN")
     origin = "--admin" if getattr(args, "admin", None) else "O7S_ADMIN_LISTEN"
     if not raw:
@@ -58,7 +52,6 @@ def admin_address(args: argparse.Namespace) -> tuple[str, int]:
 
 def admin_token(args: argparse.Namespace) -> str | None:
     """The token to send: --admin-token, $O7S_ADMIN_TOKEN, else admin_token of the settings file (if one is named)."""
-    UsageError, _ = _errors()
     token = getattr(args, "admin_token", None) or os.environ.get("O7S_ADMIN_TOKEN")
     if token:
         return token.strip()
@@ -78,7 +71,6 @@ def _url(host: str, port: int, path: str) -> str:
 def request(args: argparse.Namespace, method: str, path: str, body: Any = None,
             ok: tuple[int, ...] = (200,)) -> tuple[int, Any]:
     """One request to the admin port; (status, decoded JSON or text). One-line errors when it fails."""
-    _, CommandError = _errors()
     host, port = admin_address(args)
     url = _url(host, port, path)
     data = None if body is None else json.dumps(body).encode()
@@ -111,10 +103,6 @@ def request(args: argparse.Namespace, method: str, path: str, body: Any = None,
     return status, payload
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
 def _uptime(started_at: Any) -> str:
     try:
         s = max(0, int(time.time() - float(started_at)))
@@ -127,7 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     _, ready = request(args, "GET", "/ready", ok=(200, 503))
     _, cluster = request(args, "GET", "/v1/cluster")
     if args.json:
-        _print_json({"ready": ready, "cluster": cluster})
+        print_json({"ready": ready, "cluster": cluster})
         return 0
     is_ready = isinstance(ready, dict) and ready.get("ready")
     reasons = {k: v for k, v in ready.items() if k != "ready"} if isinstance(ready, dict) else {}
@@ -148,7 +136,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    UsageError, _ = _errors()
     if args.count is None:
         _, cluster = request(args, "GET", "/v1/cluster")
         states = ", ".join(f"{n} {s}" for s, n in sorted(cluster.get("states", {}).items()))
@@ -158,7 +145,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
         raise UsageError(f"the worker count must be between {MIN_WORKERS} and {MAX_WORKERS}, not {args.count}")
     _, state = request(args, "POST", "/v1/workers", {"count": args.count})
     if args.json:
-        _print_json(state)
+        print_json(state)
     else:
         print(f"worker count set to {args.count}")
     return 0
@@ -167,7 +154,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 def cmd_org(args: argparse.Namespace) -> int:
     _, doc = request(args, "GET", f"/v1/orgs/{quote(args.org, safe='')}")
     if args.json:
-        _print_json(doc)
+        print_json(doc)
         return 0
     rates = doc.get("rates") or {}
     lat = doc.get("latency_ms") or {}

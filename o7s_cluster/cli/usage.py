@@ -13,24 +13,17 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from o7s_cluster.cli.common import UsageError, platform_dsn
+from o7s_cluster.control_plane.db import CatalogError
+from o7s_cluster.control_plane.db import connect as connect_platform
 from o7s_cluster.usage import billing
 
 FORMATS = ("table", "json", "csv")
 _BY = {"window": None, "hour": "hour", "day": "day", "month": "month"}
 
 
-def _errors() -> tuple[type[Exception], type[Exception]]:
-    from o7s_cluster.control_plane.catalog import CatalogError
-    from o7s_cluster.cli.main import UsageError
-
-    return UsageError, CatalogError
-
-
 def _connect(args: argparse.Namespace) -> Any:
-    from o7s_cluster.control_plane.catalog import _connect as connect
-    from o7s_cluster.cli.main import _platform_dsn
-
-    return connect(_platform_dsn(args))
+    return connect_platform(platform_dsn(args))
 
 
 def parse_when(value: str, *, end: bool = False) -> datetime:
@@ -46,7 +39,7 @@ def parse_when(value: str, *, end: bool = False) -> datetime:
         t = datetime.fromisoformat(v.replace("Z", "+00:00"))
         return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
     except ValueError:
-        raise _errors()[0](f"expected a date (YYYY-MM-DD, YYYY-MM or an ISO timestamp), got {value!r}") from None
+        raise UsageError(f"expected a date (YYYY-MM-DD, YYYY-MM or an ISO timestamp), got {value!r}") from None
 
 
 def _num(v: Any) -> Any:
@@ -95,7 +88,6 @@ USAGE_COLUMNS = (
 def usage_rows(conn: Any, org: str, since: datetime, until: datetime, by: str | None) -> list[dict[str, Any]]:
     from psycopg.rows import dict_row
 
-    UsageError, CatalogError = _errors()
     cur = conn.cursor(row_factory=dict_row)
     found = cur.execute("SELECT id FROM platform.organizations WHERE name = %s", (org,)).fetchone()
     if found is None:
@@ -127,7 +119,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     since = parse_when(args.since) if args.since else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     until = parse_when(args.until, end=True) if args.until else now + timedelta(seconds=1)
     if until <= since:
-        raise _errors()[0]("--until must be after --since")
+        raise UsageError("--until must be after --since")
     with _connect(args) as conn:
         rows = usage_rows(conn, args.org, since, until, _BY[args.by])
     if args.format == "json":
@@ -228,7 +220,6 @@ def _money(value: str) -> Decimal:
 
 
 def cmd_bill(args: argparse.Namespace) -> int:
-    UsageError, _ = _errors()
     try:
         billing.month_bounds(args.period)
     except ValueError as e:
@@ -238,7 +229,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
         usages = billing.load_usage(conn, args.period)
         missing = billing.unattributed(conn, args.period)
     if args.org and not any(u.org == args.org for u in usages):
-        raise _errors()[1](f"no org named {args.org!r}")
+        raise CatalogError(f"no org named {args.org!r}")
     bill = billing.build_bill(args.period, usages, tiers, args.infra_cost)
     if args.org:  # the split and the tier margins stay those of every org; only the lines are filtered
         bill.invoices = [i for i in bill.invoices if i.org == args.org]

@@ -1,3 +1,11 @@
-"""The control plane: the `platform` schema and its SQL migrations (`migrations/`), org administration and
-the proxy's cached lookups (`catalog`), encryption of backend DSNs (`vault`), DSN parsing (`dsn`), and the
-throwaway local PostgreSQL of a bare `o7s serve` (`embedded`)."""
+"""The control plane: the `platform` schema in PostgreSQL, and everything that reads or writes it.
+
+Modules:
+    db.py         connecting, `CatalogError`, `TierLimits`: what every other module here shares
+    migrate.py    `o7s migrate`: the SQL files in migrations/, in name order
+    orgs.py       `Admin`: org administration for the CLI, one transaction per operation
+    catalog.py    `TrioCatalog`: the proxy's cached, single-flight reads (logins, backend targets)
+    vault.py      `Vault`: encryption of backend DSNs with O7S_SECRET_KEY
+    dsn.py        `BackendTarget`: parsing and redacting backend DSNs
+    embedded.py   the throwaway local PostgreSQL and demo org of a bare `o7s serve`
+"""

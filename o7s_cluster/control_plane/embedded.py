@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psycopg
 
-from o7s_cluster.control_plane.catalog import Admin, migrate
+from o7s_cluster.control_plane.migrate import migrate
+from o7s_cluster.control_plane.orgs import Admin
 from o7s_cluster.config import Settings
 from o7s_cluster.control_plane.vault import Vault, generate_key
 

@@ -3,7 +3,7 @@
 A worker that exits normally says goodbye itself (Limits._goodbye). One that is killed (kill -9, the OOM killer)
 cannot: its counts would keep its orgs at their ceiling until they expire (`conn_expiry`, 30 s). The supervisor
 learns of the death at once (the process exits) and calls `release_worker` with the dead worker's key: every org
-in the worker's index (limits/__init__.py, `_index`) gets that worker's count deleted (the gate script's `force`
+in the worker's index (limits/service.py, `Limits._index`) gets that worker's count deleted (the gate script's `force`
 to 0, so the totals stay right) and its entry in the org's token holders removed, then the index and the
 registry entry go. Idempotent: releasing a worker twice, or one that said goodbye, changes nothing.
 """
@@ -14,7 +14,8 @@ import logging
 
 import trio
 
-from o7s_cluster.limits import GATE_LUA, WORKERS_KEY, _bucket_keys, _gate_keys, worker_index_key, worker_key
+from o7s_cluster.limits.gate import GATE_LUA
+from o7s_cluster.limits.keys import WORKERS_KEY, bucket_keys, gate_keys, worker_index_key, worker_key
 from o7s_cluster.redisconn import REDIS_ERRORS, client as redis_client
 
 __all__ = ["release_worker", "release_dead_worker"]
@@ -36,10 +37,10 @@ def release_worker(url: str, key: str, *, conn_expiry: float = 30.0) -> tuple[in
         for member in members:
             kind, _, org_id = member.partition(":")
             if kind == "c":
-                gate(keys=_gate_keys(org_id), args=[key, "force", 0, int(conn_expiry * 1000), 0, 0], client=pipe)
+                gate(keys=gate_keys(org_id), args=[key, "force", 0, int(conn_expiry * 1000), 0, 0], client=pipe)
                 counts += 1
             elif kind == "r":
-                pipe.zrem(_bucket_keys(org_id)[1], key)
+                pipe.zrem(bucket_keys(org_id)[1], key)
                 holdings += 1
         pipe.zrem(WORKERS_KEY, key)
         pipe.delete(index)

@@ -13,19 +13,23 @@ Every Redis or control-plane call is a sync call made in a worker thread, never 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from o7s_cluster.control_plane.catalog import TierLimits
+from o7s_cluster.control_plane.db import TierLimits
 from o7s_cluster.redisconn import REDIS_ERRORS, client as redis_client
 
 REDIS_TTL = 3600
 TIER_CHANNEL = "o7s:tier"
 TIERS_KEY = "o7s:tiers"
 _FIELDS = tuple(TierLimits.__dataclass_fields__)
+
+log = logging.getLogger("o7s.limits")
 
 
 def org_key(org_name: str) -> str:
@@ -199,3 +203,130 @@ class TierCache:
             self._tiers = None
         else:
             self._local.pop(org_name, None)
+
+
+
+# ---------------------------------------------------------------------------------------------- tier changes
+
+
+class _Flag(threading.Event):
+    def on_connect(self, _connection: object) -> None:
+        self.set()
+
+
+
+class TierWatch:
+    """The tier-change part of `Limits`: the subscription to TIER_CHANNEL and applying what it hears."""
+
+    settings: Any
+    tiers: list[TierLimits]
+    tier_cache: TierCache
+    subscribed: bool
+    _url: str | None
+    _timeout: float
+    _buckets: dict[str, Any]  # org id -> Bucket (bucket.py)
+    _callbacks: list[Callable[[str | None], None]]
+    _refresh: set[str | None]
+    _refresh_event: trio.Event
+
+    def _invalidate(self, org_name: str | None, limits: TierLimits | None = None) -> None:
+        if org_name is not None and limits is not None:
+            self.tier_cache.put(org_name, limits)
+        else:
+            self.tier_cache.invalidate(org_name)
+        for cb in list(self._callbacks):
+            try:
+                cb(org_name)
+            except Exception:
+                log.exception("limits: invalidation callback failed")
+        if limits is not None:
+            for b in list(self._buckets.values()):
+                if b.org_name == org_name:
+                    b.update_limits(limits)
+        elif org_name is None or any(b.org_name == org_name for b in self._buckets.values()):
+            self._refresh.add(org_name)  # open connections: look the tier up again, in the background
+            self._refresh_event.set()
+
+    async def _tier_loop(self) -> None:
+        """Keeps the tier table (for hints) and the open buckets' limits current after invalidations."""
+        if self.settings.platform_dsn is None and self._url is None:
+            return
+        warned = False
+        next_table = 0.0
+        while True:
+            with trio.move_on_at(next_table):
+                await self._refresh_event.wait()
+            self._refresh_event = trio.Event()
+            todo, self._refresh = self._refresh, set()
+            try:
+                if None in todo or trio.current_time() >= next_table:
+                    tiers = await self.tier_cache.tiers()
+                    if tiers:
+                        self.tiers = tiers
+                    next_table = trio.current_time() + 600.0
+                names = {b.org_name for b in self._buckets.values()} if None in todo else todo - {None}
+                for name in names:
+                    limits = await self.tier_cache.get(name)  # type: ignore[arg-type]
+                    if limits is not None:
+                        for b in list(self._buckets.values()):
+                            if b.org_name == name:
+                                b.update_limits(limits)
+                warned = False
+            except Exception as e:  # control plane down: keep the current limits, try again soon
+                self._refresh |= todo
+                next_table = trio.current_time() + 5.0
+                if not warned:
+                    log.warning("limits: tier lookup failed; keeping the current limits",
+                                extra={"error": f"{type(e).__name__}: {e}"[:200]})
+                    warned = True
+
+    def _on_message(self, data: bytes | str) -> None:
+        org, limits = parse_tier_message(data)
+        log.info("tier change received", extra={"org": org, "tier": limits.tier if limits else None})
+        self._invalidate(org, limits)
+
+    async def _subscriber(self) -> None:
+        stop = threading.Event()
+        token = trio.lowlevel.current_trio_token()
+        try:
+            await trio.to_thread.run_sync(self._listen, stop, token, abandon_on_cancel=True,
+                                          limiter=trio.CapacityLimiter(1))
+        finally:
+            stop.set()
+
+    def _listen(self, stop: threading.Event, token: trio.lowlevel.TrioToken) -> None:
+        """A worker thread: the tier-change channel, reconnecting until stopped."""
+        assert self._url is not None
+        first = True
+        while not stop.is_set():
+            ps = conn = None
+            try:
+                conn = redis_client(self._url, timeout=max(2.0, self._timeout))
+                ps = conn.pubsub(ignore_subscribe_messages=True)
+                ps.subscribe(TIER_CHANNEL)
+                # redis-py may reconnect and resubscribe by itself inside get_message: hear of it
+                reconnected = _Flag()
+                ps.connection.register_connect_callback(reconnected.on_connect)  # held weakly: keep `reconnected`
+                self.subscribed = True
+                if not first:  # messages may have been missed while disconnected
+                    trio.from_thread.run_sync(self._invalidate, None, trio_token=token)
+                first = False
+                while not stop.is_set():
+                    msg = ps.get_message(timeout=0.25)
+                    if reconnected.is_set():
+                        reconnected.clear()
+                        trio.from_thread.run_sync(self._invalidate, None, trio_token=token)
+                    if msg is not None and msg.get("type") == "message":
+                        trio.from_thread.run_sync(self._on_message, msg["data"], trio_token=token)
+            except trio.RunFinishedError:
+                return
+            except REDIS_ERRORS:
+                self.subscribed = False
+                stop.wait(0.2)
+            finally:
+                for c in (ps, conn):
+                    if c is not None:
+                        try:
+                            c.close()
+                        except Exception:
+                            pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from o7s_cluster.admin.metrics import OrgMetrics
-from o7s_cluster.usage import UsageCounters
+from o7s_cluster.usage.counters import UsageCounters
 
 
 class SessionCounters:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from o7s_cluster.limits import LimitError
+from o7s_cluster.limits.errors import LimitError
 from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy
 from o7s_cluster.net.backend import BackendConn, BackendError
 from o7s_cluster.net.channel import AnyChannel, Channel, TLSChannel
@@ -39,7 +39,8 @@ from o7s_cluster.proxy.params import SYNCED_REPORTED, normalize_value, param_key
 
 if TYPE_CHECKING:
     from o7s_cluster.control_plane.catalog import OrgLogin
-    from o7s_cluster.limits import Bucket, Ticket
+    from o7s_cluster.limits.bucket import Bucket
+    from o7s_cluster.limits.gate import Ticket
     from o7s_cluster.net.pool import Pool
     from o7s_cluster.worker.server import Server
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from o7s_cluster.limits import LimitError
+from o7s_cluster.limits.errors import LimitError
 from o7s_cluster.admin.metrics import OrgMetrics
 from o7s_cluster.net.backend import BackendConn, BackendError, send_cancel
 from o7s_cluster.net.channel import AnyChannel, Channel
@@ -30,9 +30,10 @@ from o7s_cluster.proxy.relay import RELEASE
 from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, TERMINATE, SessionCore
 
 if TYPE_CHECKING:
-    from o7s_cluster.limits import Bucket, Ticket
+    from o7s_cluster.limits.bucket import Bucket
+    from o7s_cluster.limits.gate import Ticket
     from o7s_cluster.net.pool import Pool
-    from o7s_cluster.usage import UsageCounters
+    from o7s_cluster.usage.counters import UsageCounters
     from o7s_cluster.worker.server import Server
 
 log = logging.getLogger("o7s.session")

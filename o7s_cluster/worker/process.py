@@ -16,9 +16,10 @@ import trio
 from o7s_cluster import logs
 from o7s_cluster.control_plane.catalog import TrioCatalog
 from o7s_cluster.config import Settings
-from o7s_cluster.limits import Limits, worker_key
+from o7s_cluster.limits.keys import worker_key
+from o7s_cluster.limits.service import Limits
 from o7s_cluster.net.session import ClientSession
-from o7s_cluster.usage import UsageRecorder
+from o7s_cluster.usage.recorder import UsageRecorder
 from o7s_cluster.control_plane.vault import Vault
 from o7s_cluster.worker.cancelbus import CancelBus
 from o7s_cluster.worker.router import Router, supervisor_socket_path, worker_socket_path

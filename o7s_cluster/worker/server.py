@@ -23,8 +23,8 @@ from o7s_cluster.pgwire.scram import tls_server_end_point
 from o7s_cluster.worker.affinity import key_secret, key_worker, session_pid
 
 if TYPE_CHECKING:
-    from o7s_cluster.limits import Limits
-    from o7s_cluster.usage import UsageRecorder
+    from o7s_cluster.limits.service import Limits
+    from o7s_cluster.usage.recorder import UsageRecorder
     from o7s_cluster.worker.router import Router
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from o7s_cluster.usage import UsageRecord
+from o7s_cluster.usage.records import UsageRecord
 
 COLLECTION = "usageHistory"
 DUPLICATE_KEY = 11000

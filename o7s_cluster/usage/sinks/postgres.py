@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import trio
 
-from o7s_cluster.usage import UsageRecord
+from o7s_cluster.usage.records import UsageRecord
 
 INSERT = """
 INSERT INTO platform.usage_metrics (

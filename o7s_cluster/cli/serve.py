@@ -1,0 +1,105 @@
+"""`o7s serve`: run the proxy, against a control plane or a throwaway local one (embedded mode)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from o7s_cluster.cli.common import CommandError, add_command
+from o7s_cluster.config import POOL_MODES, load_settings
+from o7s_cluster.control_plane.orgs import Admin
+from o7s_cluster.control_plane.vault import Vault
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    flags = {
+        "listen": args.listen, "pool_mode": args.pool_mode, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+        "platform_dsn": getattr(args, "platform_dsn", None), "startup_timeout": args.startup_timeout,
+        "pool_timeout": args.pool_timeout, "server_idle_timeout": args.server_idle_timeout,
+        "server_connect_timeout": args.server_connect_timeout, "max_message_size": args.max_message_size,
+        "message_timeout": args.message_timeout, "input_budget": args.input_budget,
+        "preauth_budget": args.preauth_budget,
+        "log_level": args.log_level, "workers": args.workers, "admin_listen": args.admin,
+        "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
+        "engine": args.engine, "ray_address": args.ray_address, "workers_per_node": args.workers_per_node,
+        "admin_token": args.admin_token, "admin_auth_reads": True if args.admin_auth_reads else None,
+    }
+    settings = load_settings(args.config, overrides=flags)
+    if settings.platform_dsn is None:
+        from o7s_cluster.cluster import supervisor as server  # the data path; imported only when serving
+        from o7s_cluster.control_plane.embedded import embedded_platform
+
+        with embedded_platform(settings) as (settings, psql_line):
+            print(f"O7s embedded mode: a throwaway control plane and a demo org. Connect with:\n  {psql_line}",
+                  flush=True)
+            _run_server(_engine(settings, server), settings, None)
+        return 0
+    Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
+    from o7s_cluster.cluster import supervisor as server
+
+    _run_server(_engine(settings, server), settings, lambda: load_settings(args.config, overrides=flags))
+    return 0
+
+
+def _engine(settings: Any, server: Any) -> Any:
+    """The module whose run(settings, reload) serves: server (local processes) or engine_ray (Ray actors).
+    Ray is imported only here, and only for --engine ray."""
+    if settings.engine != "ray":
+        return server
+    try:
+        from o7s_cluster.cluster import engine_ray
+    except ImportError as e:
+        raise CommandError(f"--engine ray needs Ray ({e.name or e}): pip install 'o7s-cluster[ray]'") from None
+    return engine_ray
+
+
+def _run_server(server: Any, settings: Any, reload: Any) -> None:
+    try:
+        server.run(settings, reload)
+    except OSError as e:  # typically the listen address: in use, not ours, not resolvable
+        raise CommandError(f"cannot serve on {settings.listen}: {e.strerror or e}") from None
+    except Exception as e:
+        from o7s_cluster.cluster.supervisor import ClusterError
+
+        if isinstance(e, ClusterError):
+            raise CommandError(str(e)) from None
+        raise
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `serve` to the `o7s` parser's subcommands."""
+    s = add_command(sub, "serve", cmd_serve, "run the proxy (a throwaway control plane when none is configured)",
+                    common)
+    s.add_argument("--config", metavar="PATH", help="TOML settings file (default: $O7S_CONFIG)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:6432")
+    s.add_argument("--pool-mode", choices=POOL_MODES, help="default transaction")
+    s.add_argument("--tls-cert", metavar="PATH")
+    s.add_argument("--tls-key", metavar="PATH")
+    s.add_argument("--startup-timeout", metavar="SECONDS")
+    s.add_argument("--pool-timeout", metavar="SECONDS")
+    s.add_argument("--server-idle-timeout", metavar="SECONDS")
+    s.add_argument("--server-connect-timeout", metavar="SECONDS")
+    s.add_argument("--max-message-size", metavar="BYTES")
+    s.add_argument("--message-timeout", metavar="SECONDS",
+                   help="give up a client message that stops arriving mid-way after this (30)")
+    s.add_argument("--input-budget", metavar="BYTES",
+                   help="a worker's bytes of partial client messages, past 64 KiB each (256MiB)")
+    s.add_argument("--preauth-budget", metavar="BYTES",
+                   help="a worker's bytes held for clients that have not logged in (32MiB)")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
+    s.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP port: /health /ready /metrics /v1/... "
+                   "(default: none)")
+    s.add_argument("--admin-token", metavar="TOKEN", help="bearer token the admin port requires for changes"
+                   " (default: $O7S_ADMIN_TOKEN; none: changes are refused); prefer the environment: flags show in ps")
+    s.add_argument("--admin-auth-reads", action="store_true", help="/metrics and /v1/* reads need the admin token"
+                   " too (/health and /ready stay open)")
+    s.add_argument("--drain-timeout", metavar="SECONDS", help="SIGTERM: time open transactions get (default 30)")
+    s.add_argument("--machine-id", metavar="N", help="0-127, distinguishes machines in cancel keys (default 0)")
+    s.add_argument("--redis-url", metavar="URL", help="shared limits state (default: $REDIS_URL; none: node-local)")
+    s.add_argument("--engine", choices=("local", "ray"), help="local: worker processes on this machine (default);"
+                   " ray: worker actors on every node of a Ray cluster (docs/SCALING.md)")
+    s.add_argument("--ray-address", metavar="ADDR", help="--engine ray: the Ray cluster to join (default:"
+                   " $RAY_ADDRESS, else a new local Ray instance)")
+    s.add_argument("--workers-per-node", metavar="N", help="--engine ray: workers on each node, 1-64 (default:"
+                   " the node's CPUs)")

@@ -1,0 +1,443 @@
+"""`UsageRecorder`: a worker's usage windows, written to the spool, shipped to the sinks.
+
+`run()` closes a window every `usage_window` seconds (aligned to the wall clock), turns every non-idle
+counters object into a `UsageRecord`, appends the batch to the spool and only then counts it as taken. A
+shipper task sends spooled records to the sinks in batches and acknowledges them in the spool only when
+every sink has them; a sink that is down is retried with backoff while the spool holds the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import secrets
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from o7s_cluster.usage.counters import UsageCounters
+from o7s_cluster.usage.records import UsageRecord, estimate, record_id
+from o7s_cluster.usage.sinks.base import Sink, make_sinks, sink_keys, sink_namespace
+from o7s_cluster.usage.spool import Segment, SpoolDir, encode_frame
+
+log = logging.getLogger("o7s.usage")
+
+_ORG_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+MAX_AUTH_NAMES = 1000  # distinct failed-login names kept per window; the rest are summed under "*"
+
+
+@dataclass
+class _SinkState:
+    sink: Sink
+    failures: int = 0
+    next_try: float = 0.0  # trio clock
+    last_error: str | None = None
+
+
+class UsageRecorder:
+    """Per-worker usage aggregation, spooling and shipping (see the module docstring)."""
+
+    def __init__(self, settings: Any, *, worker: str, sinks: Sequence[Sink] | None = None,
+                 spool_max_bytes: int | None = None, batch_records: int = 1000,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0,
+                 memory_max_records: int = 100_000, metrics: Any = None) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.window = float(getattr(settings, "usage_window", 10.0))
+        self._sinks = [_SinkState(s) for s in (make_sinks(settings) if sinks is None else sinks)]
+        # One directory per set of sinks: a spool left by a worker is only ever shipped (adopted) to the
+        # sinks it was meant for, never to another control plane that shares the machine's spool_dir.
+        self.sink_namespace = sink_namespace([st.sink for st in self._sinks])
+        self.spool_base = Path(getattr(settings, "spool_dir", ".o7s/spool"))
+        self.spool_root = self.spool_base / self.sink_namespace
+        self.spool_max_bytes = spool_max_bytes or int(getattr(settings, "usage_spool_max_bytes", 256 << 20))
+        self.batch_records = batch_records
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.memory_max_records = memory_max_records
+        self._counters: dict[tuple[str | None, str], UsageCounters] = {}
+        self._by_name: dict[str, UsageCounters] = {}
+        self._auth: dict[str, int] = {}
+        self._boot = secrets.token_hex(8)  # this incarnation: ids never collide with a previous run's
+        self._seq = 0
+        self._window_start = time.time()
+        self._unwritten: list[UsageRecord] = []  # closed but not yet in the spool (spool full or failing)
+        self._spool: SpoolDir | None = None
+        self._write_lock = trio.Lock()
+        self._wake = trio.Event()
+        # metrics
+        self.spool_bytes = 0  # bytes in this worker's spool (written, shipped or not)
+        self.pending = 0  # records closed but not yet in every sink
+        self.shipped = 0  # records acknowledged by every sink since start
+        self.dropped = 0  # records lost because the spool was full and the memory backlog too (logged)
+        self.spool_full = False
+        self.windows_closed = 0
+        self.last_ship_time: float | None = None  # wall clock of the last successful shipment
+        self.spool_disk_bytes = 0  # bytes of spool files on disk (shipped or not): what the cap limits
+        self._pending_spooled = 0
+        self._oldest_unshipped: float | None = None  # wall clock end of the oldest window not yet shipped
+        self._running = False
+        self.metrics = metrics  # optional WorkerMetrics: usage_spool_bytes, usage_shipping_lag_seconds
+
+    # ---------------------------------------------------------------------------- hot path API
+    def counters(self, org_id: str, org_name: str, db_type: str, *, tier: str | None = None) -> UsageCounters:
+        key = (org_id, db_type)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = UsageCounters(org_id, org_name, db_type, tier)
+            self._by_name.setdefault(org_name, c)
+        elif tier is not None and c.tier != tier:
+            c.tier = tier
+        return c
+
+    def auth_failure(self, org_name: str) -> None:
+        c = self._by_name.get(org_name)
+        if c is not None:
+            c.auth_failures += 1
+            return
+        name = org_name if (0 < len(org_name) <= 63 and set(org_name) <= _ORG_NAME_OK) else "*"
+        if name not in self._auth and len(self._auth) >= MAX_AUTH_NAMES:
+            name = "*"
+        self._auth[name] = self._auth.get(name, 0) + 1
+
+    # ---------------------------------------------------------------------------- windows
+    def _close_window(self, now: float | None = None) -> list[UsageRecord]:
+        """Snapshot every counters object into records for [window start, now) and reset them."""
+        return self._build(self._snapshot(now))
+
+    def _snapshot(self, now: float | None = None) -> tuple:
+        """The cheap part, on the event loop: take and reset the counters (plain tuples, no records yet)."""
+        now = time.time() if now is None else now
+        start, self._window_start = self._window_start, now
+        seq = self._seq
+        self._seq += 1
+        self.windows_closed += 1
+        taken = []
+        for c in self._counters.values():
+            if c._idle():
+                continue
+            snap = c._take()
+            if any(snap):
+                taken.append((c.org_id, c.org_name, c.db_type, c.tier, snap))
+        auth, self._auth = self._auth, {}
+        return seq, start, now, taken, auth
+
+    def _build(self, snapshot: tuple) -> list[UsageRecord]:
+        """Records from a snapshot (ids, estimates): runs in a worker thread when there are many orgs."""
+        seq, start, now, taken, auth = snapshot
+        p_start = datetime.fromtimestamp(start, timezone.utc)
+        p_end = datetime.fromtimestamp(now, timezone.utc)
+        out: list[UsageRecord] = []
+        for org_id, org_name, db_type, tier, snap in taken:
+            (q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, peak, auth_n) = snap
+            vcpu_h, mem_h = estimate(q_s, heavy_s, tier)
+            out.append(UsageRecord(
+                id=record_id(self.worker, self._boot, seq, org_id or org_name, db_type),
+                org_id=org_id, org_name=org_name, database_type=db_type, worker=self.worker,
+                period_start=p_start, period_end=p_end, queries=q, errors=err, throttled=thr, refused=ref,
+                bytes_in=b_in, bytes_out=b_out, rows=rows, query_seconds=q_s, backend_seconds=b_s,
+                peak_connections=peak, auth_failures=auth_n, vcpu_hours=vcpu_h, memory_gb_hours=mem_h, tier=tier,
+            ))
+        for name, n in auth.items():
+            out.append(UsageRecord(
+                id=record_id(self.worker, self._boot, seq, "auth:" + name, None),
+                org_id=None, org_name=name, database_type=None, worker=self.worker,
+                period_start=p_start, period_end=p_end, auth_failures=n,
+            ))
+        return out
+
+    async def _close_and_write(self) -> None:
+        snap = self._snapshot()
+        records = (self._build(snap) if len(snap[3]) + len(snap[4]) < 200
+                   else await trio.to_thread.run_sync(self._build, snap))
+        await self._write(records)
+
+    def _next_boundary(self, now: float) -> float:
+        return (math.floor(now / self.window) + 1) * self.window
+
+    # ---------------------------------------------------------------------------- spool writing
+    async def _open_spool(self) -> None:
+        def open_() -> SpoolDir:
+            try:
+                return lock_dir()
+            except OSError as e:  # e.g. a spool_dir this user cannot write: usage must not stop the worker
+                fallback = Path(tempfile.gettempdir()) / f"o7s-spool-{os.getuid()}" / self.sink_namespace
+                log.error("usage spool: cannot use %s (%s); using %s", self.spool_root, e.strerror or e, fallback,
+                          extra={"worker": self.worker})
+                self.spool_root = fallback
+                return lock_dir()
+
+        def lock_dir() -> SpoolDir:
+            self.spool_root.mkdir(parents=True, exist_ok=True)
+            about = self.spool_root / "SINKS"
+            if not about.exists():
+                about.write_text("".join(f"{k}\n" for k in sink_keys([st.sink for st in self._sinks])))
+            own = SpoolDir(self.spool_root / self.worker)
+            if not own.try_lock():  # another live process uses this worker id: never share a directory
+                own = SpoolDir(self.spool_root / f"{self.worker}.{os.getpid()}.{self._boot[:6]}")
+                if not own.try_lock():
+                    raise RuntimeError(f"cannot lock a usage spool directory under {self.spool_root}")
+            own.load()
+            return own
+
+        self._spool = await trio.to_thread.run_sync(open_)
+        replay = self._spool.pending_bytes()
+        if replay:
+            frames = await trio.to_thread.run_sync(self._spool.read_pending, 1 << 62)
+            self._pending_spooled += sum(len(recs) for _seg, _end, recs in frames)
+            ends = [r.period_end.timestamp() for _seg, _end, recs in frames for r in recs]
+            self._oldest_unshipped = min(ends) if ends else None
+            log.info("usage spool: replaying %d records (%d bytes) left by a previous run", self._pending_spooled,
+                     replay, extra={"worker": self.worker, "spool": str(self._spool.path)})
+        self._refresh_metrics()
+
+    def _refresh_metrics(self) -> None:
+        if self._spool is not None:
+            self.spool_bytes = self._spool.pending_bytes()
+            self.spool_disk_bytes = self._spool.total_bytes()
+        self.pending = len(self._unwritten) + self._pending_spooled
+        if not self.pending:
+            self._oldest_unshipped = None
+        m = self.metrics
+        if m is not None:
+            m.usage_spool_bytes = self.spool_bytes
+            m.usage_shipping_lag_seconds = self.shipping_lag_seconds
+
+    @property
+    def shipping_lag_seconds(self) -> float:
+        """Age of the oldest record not yet in every sink (an upper bound: counted from its window's end)."""
+        if not self.pending or self._oldest_unshipped is None:
+            return 0.0
+        return max(0.0, time.time() - self._oldest_unshipped)
+
+    async def _write(self, records: list[UsageRecord]) -> None:
+        """Append closed records (and any backlog) to the spool; keep them in memory if it is full."""
+        async with self._write_lock:
+            batch = self._unwritten + records
+            self._unwritten = []
+            if not batch:
+                return
+            spool = self._spool
+            assert spool is not None
+            frame = encode_frame(batch)
+            room = self.spool_max_bytes - spool.total_bytes()
+            n = len(batch)
+            while len(frame) > room and n > 0 and spool.total_bytes() > 0:
+                n = min(n - 1, n * room // len(frame))  # write what fits, keep the rest in memory
+                frame = encode_frame(batch[:n]) if n > 0 else b""
+            if n < len(batch):
+                self._spool_full(batch[n:])
+                if n == 0:
+                    return
+                batch = batch[:n]
+            try:
+                await trio.to_thread.run_sync(spool.append, frame)
+            except OSError as e:
+                log.error("usage spool: cannot write (%s); %d records kept in memory", e, len(batch),
+                          extra={"worker": self.worker})
+                self._keep(batch + self._unwritten)
+                return
+            if self.spool_full and not self._unwritten:
+                log.warning("usage spool: has room again", extra={"worker": self.worker})
+                self.spool_full = False
+            self._pending_spooled += len(batch)
+            if self._oldest_unshipped is None:
+                self._oldest_unshipped = min(r.period_end for r in batch).timestamp()
+            self._refresh_metrics()
+            self._wake.set()
+
+    def _spool_full(self, batch: list[UsageRecord]) -> None:
+        if not self.spool_full:
+            log.error("usage spool full (%d bytes, cap %d): records are kept in memory until the sinks catch up",
+                      self._spool.total_bytes() if self._spool else 0, self.spool_max_bytes,
+                      extra={"worker": self.worker})
+        self.spool_full = True
+        self._keep(batch)
+
+    def _keep(self, batch: list[UsageRecord]) -> None:
+        if len(batch) > self.memory_max_records:
+            lost = len(batch) - self.memory_max_records
+            self.dropped += lost
+            log.error("usage: %d records dropped: spool full and in-memory backlog over %d records",
+                      lost, self.memory_max_records, extra={"worker": self.worker, "dropped_total": self.dropped})
+            batch = batch[lost:]
+        self._unwritten = batch
+        if batch and self._oldest_unshipped is None:
+            self._oldest_unshipped = min(r.period_end for r in batch).timestamp()
+        self._refresh_metrics()
+
+    async def flush(self, ship_timeout: float = 2.0) -> None:
+        """Close the current window now and write it to the spool (SIGTERM drain). When run() is going, give
+        the shipper up to `ship_timeout` seconds to send what is pending, so a clean exit leaves an empty
+        spool when the sinks are up (what it could not send is replayed at the next start)."""
+        if self._spool is None:
+            await self._open_spool()
+        await self._close_and_write()
+        if self._running and ship_timeout > 0:
+            with trio.move_on_after(ship_timeout):
+                while self.pending:
+                    await trio.sleep(0.02)
+
+    # ---------------------------------------------------------------------------- shipping
+    async def _ship_once(self, spool: SpoolDir, *, own: bool) -> bool:
+        """Ship one batch from `spool`; True if something was shipped, False if nothing to do or sinks down."""
+        batch = await trio.to_thread.run_sync(spool.read_pending, self.batch_records)
+        if not batch:
+            return False
+        records = [r for _seg, _end, recs in batch for r in recs]
+        if not self._sinks:
+            ok = True
+        else:
+            ok = await self._send_all(records)
+        if not ok:
+            return False
+
+        def ack() -> None:
+            # acknowledge per segment, up to the end of the last frame shipped from it
+            last: dict[int, tuple[Segment, int]] = {}
+            for seg, end, _recs in batch:
+                last[id(seg)] = (seg, end)
+            for seg, end in last.values():
+                spool.ack(seg, end)
+
+        async with self._write_lock:  # ack may rotate the segment the writer appends to
+            await trio.to_thread.run_sync(ack)
+        if own:
+            self._pending_spooled = max(0, self._pending_spooled - len(records))
+        self.shipped += len(records)
+        self.last_ship_time = time.time()
+        if own:  # what is left is newer than what was just shipped
+            self._oldest_unshipped = max(r.period_end for r in records).timestamp()
+        self._refresh_metrics()
+        return True
+
+    async def _send_all(self, records: list[UsageRecord]) -> bool:
+        """Send to every sink not yet done with this batch; retried with backoff until all have it."""
+        done: set[int] = set()
+        while True:
+            now = trio.current_time()
+            for i, st in enumerate(self._sinks):
+                if i in done or st.next_try > now:
+                    continue
+                try:
+                    await st.sink.send(records)
+                except Exception as e:  # noqa: BLE001 - any failure: keep the data, retry later
+                    st.failures += 1
+                    delay = min(self.backoff_max, self.backoff_initial * 2 ** min(st.failures - 1, 16))
+                    delay *= random.uniform(0.8, 1.2)
+                    st.next_try = trio.current_time() + delay
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    if st.failures == 1 or msg != st.last_error or st.failures % 10 == 0:
+                        log.warning("usage sink %s: %s; retrying in %.1fs (%d records waiting)",
+                                    st.sink.name, msg, delay, self.pending,
+                                    extra={"worker": self.worker, "sink": st.sink.name, "failures": st.failures})
+                    st.last_error = msg
+                    continue
+                if st.failures:
+                    log.info("usage sink %s: back after %d failures", st.sink.name, st.failures,
+                             extra={"worker": self.worker, "sink": st.sink.name})
+                st.failures = 0
+                st.last_error = None
+                st.next_try = 0.0
+                done.add(i)
+            if len(done) == len(self._sinks):
+                return True
+            wait = min(st.next_try for i, st in enumerate(self._sinks) if i not in done) - trio.current_time()
+            await trio.sleep(max(0.01, wait))
+
+    async def _adopt_orphans(self) -> None:
+        """Drain spool directories of workers that died and were not restarted under the same id."""
+        if not self.spool_root.is_dir():
+            return
+        own = self._spool.path if self._spool else None
+        for d in sorted(p for p in self.spool_root.iterdir() if p.is_dir() and p != own):
+            orphan = SpoolDir(d)
+            locked = await trio.to_thread.run_sync(orphan.try_lock)
+            if not locked:
+                continue
+            try:
+                await trio.to_thread.run_sync(orphan.load)
+                if orphan.pending_bytes():
+                    log.info("usage spool: adopting %s (%d bytes)", d.name, orphan.pending_bytes(),
+                             extra={"worker": self.worker})
+                while await self._ship_once(orphan, own=False):
+                    pass
+                await trio.to_thread.run_sync(orphan.drop_finished)
+            finally:
+                orphan.release()
+            if "." in d.name and not any(d.glob("seg-*")):  # a fallback directory: never reused
+                for f in d.iterdir():
+                    f.unlink(missing_ok=True)
+                d.rmdir()
+
+    async def _shipper(self) -> None:
+        assert self._spool is not None
+        last_adopt = -math.inf
+        while True:
+            self._wake = trio.Event()  # a write from here on wakes the wait below
+            while await self._ship_once(self._spool, own=True):
+                pass
+            if trio.current_time() - last_adopt > max(60.0, self.window * 6):
+                last_adopt = trio.current_time()
+                await self._adopt_orphans()
+            self._refresh_metrics()  # the lag grows while nothing happens
+            with trio.move_on_after(min(5.0, max(1.0, self.window))):
+                await self._wake.wait()
+
+    async def _closer(self) -> None:
+        while True:
+            now = time.time()
+            await trio.sleep(max(0.0, self._next_boundary(now) - now))
+            await self._close_and_write()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task: replay the spool, close windows, write them to the spool, ship them."""
+        if self._spool is None:
+            await self._open_spool()
+        if not self._sinks:
+            log.warning("usage: no sink configured (usage_sink_postgres off, no mongodb_url): records are spooled"
+                        " and discarded", extra={"worker": self.worker})
+        try:
+            self._running = True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._shipper)
+                nursery.start_soon(self._closer)
+                task_status.started()
+        finally:
+            self._running = False
+            # a sink call abandoned on a hung server may hold its connection: do not wait long for it
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                for st in self._sinks:
+                    try:
+                        await st.sink.aclose()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+    async def ship_now(self) -> int:
+        """Ship everything spooled (own and orphaned directories) now; returns how many records were shipped."""
+        if self._spool is None:
+            await self._open_spool()
+        before = self.shipped
+        assert self._spool is not None
+        while await self._ship_once(self._spool, own=True):
+            pass
+        await self._adopt_orphans()
+        return self.shipped - before
+
+    def close(self) -> None:
+        """Release the spool directory (after flush(); the data stays for the next run)."""
+        if self._spool is not None:
+            self._spool.release()
+            self._spool = None
+
+    def sink_status(self) -> list[dict[str, Any]]:
+        return [{"sink": st.sink.name, "failures": st.failures, "last_error": st.last_error}
+                for st in self._sinks]
