@@ -395,3 +395,38 @@ def test_large_backend_rows_are_relayed_as_they_arrive():
         assert len(c._bbuf) - c._bpos < 60000  # nothing of the big row is held back
     assert relayed == answer
     assert c.counters.queries == [(1, True)] and c.idle()
+
+
+# --- fuzzing the core directly -------------------------------------------------------------------
+
+frontend_message = st.tuples(st.sampled_from(list(b"QPBEDCSHFdcfX")) | st.integers(0, 255), st.binary(max_size=40))
+backend_message = st.tuples(st.sampled_from(list(b"Z123TnCIsESDNAGHtV")), st.binary(max_size=40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frontend_message, max_size=12), st.lists(backend_message, max_size=12), st.booleans(),
+       st.integers(1, 64))
+def test_fuzzed_streams_raise_only_protocol_errors(client_msgs, backend_msgs, transaction_mode, chunk):
+    """Whatever arrives, the core answers, or refuses with a protocol or client error; never anything else."""
+    c = core(transaction_mode=transaction_mode)
+    if not transaction_mode:
+        c.attached(BackendState())
+    client_stream = b"".join(bytes([t]) + struct.pack("!i", len(p) + 4) + p for t, p in client_msgs)
+    backend_stream = b"".join(bytes([t]) + struct.pack("!i", len(p) + 4) + p for t, p in backend_msgs)
+    try:
+        for pos in range(0, len(client_stream), chunk):
+            action = c.feed_client(client_stream[pos:pos + chunk], 1.0)
+            while action in (NEED_BACKEND, NEED_TOKEN):
+                if action == NEED_BACKEND:
+                    c.attached(BackendState())
+                else:
+                    c.token_granted(False)
+                action = c.resume(1.0)
+            if action == TERMINATE:
+                return
+        if c.backend is not None:
+            for pos in range(0, len(backend_stream), chunk):
+                if c.feed_backend(backend_stream[pos:pos + chunk], 2.0) == RELEASE:
+                    c.detach()
+    except (ProtocolViolation, ClientError):
+        pass

@@ -149,10 +149,14 @@ class Readback:
         """One DataRow of two text columns."""
         values: list[str | None] = []
         pos = 2
-        for _ in range(2):
-            (n,) = _I32.unpack_from(payload, pos)
-            values.append(bytes(payload[pos + 4: pos + 4 + n]).decode("utf-8", "replace") if n >= 0 else None)
-            pos += 4 + max(n, 0)
+        try:
+            for _ in range(2):
+                (n,) = _I32.unpack_from(payload, pos)
+                values.append(bytes(payload[pos + 4: pos + 4 + n]).decode("utf-8", "replace") if n >= 0 else None)
+                pos += 4 + max(n, 0)
+        except struct.error:  # not the row O7s asked for: the read-back cannot be trusted
+            self.failed = True
+            return
         name, value = values
         if name is None:
             return
