@@ -1,0 +1,1 @@
+"""Helpers and programs of the client matrix (tests/test_clients_*.py)."""
