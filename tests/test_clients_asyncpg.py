@@ -142,12 +142,8 @@ def test_copy_in_and_out(proxy, org, pool_mode):
     run(body())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "O7s defect (issue 14, group 1): after a SET inside a transaction block O7s appends its settings "
-    "read-back Query to the client's next Query; when that Query is COPY ... FROM STDIN the Q lands "
-    "inside the COPY, the server fails with 'unexpected message type 0x51 during COPY from stdin' and "
-    "closes the connection"))
 def test_copy_after_set_in_a_transaction(proxy, org, pool_mode):
+    """issue 14, group 1: O7s's settings read-back after a SET once landed inside the COPY that followed."""
     table = f"apg_setcopy_{pool_mode}"
 
     async def body():
