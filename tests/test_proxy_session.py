@@ -430,3 +430,21 @@ def test_fuzzed_streams_raise_only_protocol_errors(client_msgs, backend_msgs, tr
                     c.detach()
     except (ProtocolViolation, ClientError):
         pass
+
+
+def test_named_statements_are_kept_whole_up_to_their_cap_and_refused_past_it():
+    c = core()
+    sql = "select '" + "x" * (512 * 1024) + "'"
+    whole = parse(b"big", sql)
+    assert c.feed_client(whole[:100_000], 1.0) == PROCEED and not c.to_client  # waits for the rest
+    assert c.feed_client(whole[100_000:] + SYNC, 1.0) == PROCEED
+    assert messages(take(c.to_client)) == [b"1", b"Z"]
+    too_big = parse(b"huge", "select '" + "x" * (2 << 20) + "'")
+    action = c.feed_client(too_big[:8192], 1.0)
+    while action == NEED_BACKEND:
+        c.attached(BackendState())
+        action = c.resume(1.0)
+    c.feed_client(too_big[8192:] + SYNC, 1.0)
+    got = take(c.to_client)
+    assert b"54000" in got and messages(got)[-1] == b"Z"
+    assert not c.to_backend

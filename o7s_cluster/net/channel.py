@@ -30,10 +30,6 @@ class Channel:
         self._view = memoryview(self._buf)
         self._streak = 0
 
-    @property
-    def tls(self) -> bool:
-        return False
-
     async def receive(self) -> memoryview | bytes:
         """The next bytes the peer sent (a view valid until the next receive), or b'' at its end."""
         self._streak += 1
@@ -62,9 +58,6 @@ class Channel:
                 continue
             del data[:n]
 
-    async def wait_readable(self) -> None:
-        await trio.lowlevel.wait_readable(self.sock)
-
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         try:
@@ -82,10 +75,6 @@ class TLSChannel:
         self.stream = stream
         self.sock = sock
 
-    @property
-    def tls(self) -> bool:
-        return True
-
     async def receive(self) -> memoryview | bytes:
         try:
             return await self.stream.receive_some(RECEIVE_SIZE)
@@ -97,9 +86,6 @@ class TLSChannel:
             chunk = bytes(data)
             data.clear()
             await self.stream.send_all(chunk)
-
-    async def wait_readable(self) -> None:
-        await trio.lowlevel.wait_readable(self.sock)
 
     def close(self) -> None:
         try:

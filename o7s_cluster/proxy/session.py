@@ -181,6 +181,8 @@ class SessionCore(BackendRelay):
                     break
                 if length <= STREAM_AT or avail < _STREAM_PREFIX:
                     break
+                if t == _PARSE and self.transaction_mode and buf[pos + 5] != 0 and length <= MAX_NAMED_PARSE:
+                    break  # a named statement is kept whole (up to its cap) to prepare it on any backend
                 self._cpos = pos
                 action = self._stream_head(t, pos, stop, now)
                 pos = self._cpos
@@ -270,7 +272,6 @@ class SessionCore(BackendRelay):
             name_end = buf.find(b"\x00", s + 5, s + 5 + _STREAM_PREFIX)
             if name_end < 0:
                 raise ProtocolViolation("statement name too long")
-            self.unsynced = True
             if name_end > s + 5 and self.transaction_mode:
                 # A named statement's text is kept to prepare it on other backends: capped.
                 self._refuse_streamed(ClientError(
@@ -278,6 +279,7 @@ class SessionCore(BackendRelay):
                     f"prepared statement text too long ({stop - s} bytes; limit {MAX_NAMED_PARSE} for a named "
                     "statement in transaction mode)", fatal=False), s, stop)
                 return PROCEED
+            self.unsynced = True
             self.owed.append(owed.PARSE)
             self._readback_due = True
             self.to_backend += buf[s:head_end]
