@@ -134,7 +134,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     c = add_command(org, "create", cmd_org_create, "create an org with its login password and first backend database",
                     common)
     c.add_argument("org", metavar="ORG")
-    c.add_argument("--tier", required=True, metavar="TIER", help="free, starter, pro or enterprise")
+    c.add_argument("--tier", required=True, metavar="TIER", help="a tier (`o7s tier list`; seeded: free, starter, pro, enterprise)")
     c.add_argument("--backend", required=True, metavar="DSN", help="the backend database (URI or key=value)")
     c.add_argument("--password", help="login password (default: $O7S_ORG_PASSWORD, else prompted)")
     c.add_argument("--type", default="postgres", choices=DB_TYPES)
@@ -148,7 +148,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     c = add_command(org, "set-tier", cmd_org_set_tier, "move an org to another tier", common)
     c.add_argument("org", metavar="ORG")
-    c.add_argument("tier", metavar="TIER", help="free, starter, pro or enterprise")
+    c.add_argument("tier", metavar="TIER", help="a tier (`o7s tier list`; seeded: free, starter, pro, enterprise)")
 
     c = add_command(org, "passwd", cmd_org_passwd, "set an org's login password", common)
     c.add_argument("org", metavar="ORG")

@@ -4,7 +4,8 @@
     o7s:tiers            -> JSON list of TierLimits, upgrade order (EX 3600)
 
 `o7s org set-tier` writes the org's new entry through to Redis and publishes on `o7s:tier`
-(`publish_tier_change`); every worker's Limits hears it, drops its local entry, calls the registered
+(`publish_tier_change`); `o7s tier create|set|delete` writes the entries of the tier's orgs, drops the
+table and publishes "every org" (`publish_tier_table_change`); every worker's Limits hears it, drops its local entry, calls the registered
 invalidation callbacks (the catalog) and applies the new rate to the org's open connections.
 
 Every Redis or control-plane call is a sync call made in a worker thread, never on a query's path.
@@ -82,6 +83,22 @@ def publish_tier_change(redis_url: str, org_name: str | None, limits: TierLimits
         else:
             pipe.set(org_key(org_name), json.dumps(dump_limits(limits)), ex=REDIS_TTL)
         pipe.publish(TIER_CHANNEL, tier_message(org_name, limits))
+        return int(pipe.execute()[-1])
+    finally:
+        r.close()
+
+
+def publish_tier_table_change(redis_url: str, orgs: dict[str, TierLimits], timeout: float = 2.0) -> int:
+    """A tier was created, changed or deleted (`o7s tier ...`): write the new limits of the orgs on it
+    through to Redis, drop the cached tier table and tell every worker to look everything up again.
+    Returns how many listened; raises one of REDIS_ERRORS like publish_tier_change."""
+    r = redis_client(redis_url, timeout=timeout)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for name, limits in orgs.items():
+            pipe.set(org_key(name), json.dumps(dump_limits(limits)), ex=REDIS_TTL)
+        pipe.delete(TIERS_KEY)
+        pipe.publish(TIER_CHANNEL, tier_message(None))
         return int(pipe.execute()[-1])
     finally:
         r.close()
