@@ -448,3 +448,53 @@ def test_named_statements_are_kept_whole_up_to_their_cap_and_refused_past_it():
     got = take(c.to_client)
     assert b"54000" in got and messages(got)[-1] == b"Z"
     assert not c.to_backend
+
+
+# ------------------------------------------------------------------------------ notifications (issue 14)
+
+
+def notification(pid: int, channel: str = "ch", payload: str = "hi") -> bytes:
+    return msg(b"A", struct.pack("!i", pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
+
+
+CLIENT_PID = 5_000_001  # a transaction-mode pid (above any Linux pid)
+
+
+def test_own_notification_names_the_pid_the_client_was_given():
+    """The parity harness found it: in transaction mode a client's own NOTIFY came back with its backend's
+    pid, which the client never saw, so it could not tell its own notifications from others'."""
+    c = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=PoolStatements(),
+                    client_params={"client_encoding": "UTF8"}, take_token=lambda: True, client_pid=CLIENT_PID)
+    backend = BackendState()
+    backend.pid = 4242
+    attach(c, query("notify ch, 'hi'"), backend)
+    c.to_backend.clear()
+    c.feed_backend(complete("NOTIFY") + notification(4242) + notification(777, payload="other") + ready(), 2.0)
+    assert take(c.to_client) == (complete("NOTIFY") + notification(CLIENT_PID) + notification(777, payload="other")
+                                 + ready())
+
+
+def test_session_mode_notifications_pass_untouched():
+    c = SessionCore(transaction_mode=False, counters=Counters(), pool_statements=PoolStatements(),
+                    client_params={}, take_token=lambda: True, client_pid=4242)
+    backend = BackendState()
+    backend.pid = 4242
+    attach(c, query("notify ch"), backend)
+    c.feed_backend(complete("NOTIFY") + notification(4242) + ready(), 2.0)
+    assert take(c.to_client) == complete("NOTIFY") + notification(4242) + ready()
+
+
+def test_a_notification_during_the_read_back_reaches_the_client():
+    """O7s's hidden read-back query swallows its own answer, never a notification that arrives meanwhile
+    (the client would wait for it for ever)."""
+    c = core()
+    attach(c, query("listen ch"))
+    c.to_backend.clear()
+    c.feed_backend(complete("LISTEN") + ready(), 2.0)
+    assert messages(take(c.to_client)) == [b"C", b"Z"]
+    assert messages(take(c.to_backend)) == [b"Q"]  # the read-back
+    answer = (row("role", "none") + notification(999) + row(STATE_ROW, "LISTEN") + complete("SELECT 2")
+              + ready())
+    assert c.feed_backend(answer, 3.0) == KEEP
+    assert take(c.to_client) == notification(999)
+    assert c.pinned == "LISTEN"

@@ -270,6 +270,7 @@ async def _authenticate(conn: BackendConn) -> None:
             conn.params[k] = v
         elif t == 0x4B and len(payload) == 8:
             conn.pid, conn.secret = struct.unpack("!ii", payload)
+            conn.state.pid = conn.pid
         elif t == 0x5A:
             conn.state.settings.initial = dict(conn.params)
             return

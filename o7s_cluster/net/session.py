@@ -202,6 +202,7 @@ class ClientSession:
             client_params=login.client_params,
             take_token=bucket.try_admit,
             max_message=self.settings.max_message_size,
+            client_pid=self.pid,
         )
         if self.conn is not None:
             self.core.attached(self.conn.state)

@@ -21,8 +21,8 @@ RELEASE = 1        # the backend is clean and idle: give it back to the pool
 
 # Backend message types the core looks at; everything else (DataRow above all) passes untouched.
 _READY, _PARSE_DONE, _BIND_DONE, _CLOSE_DONE, _ROW_DESC, _NO_DATA = b"Z123Tn"
-_COMMAND_DONE, _EMPTY_QUERY, _SUSPENDED, _ERROR, _PARAMETER, _DATA_ROW = b"CIsESD"
-_INTERESTING = frozenset(b"Z123TnCIsES")
+_COMMAND_DONE, _EMPTY_QUERY, _SUSPENDED, _ERROR, _PARAMETER, _DATA_ROW, _NOTIFICATION = b"CIsESDA"
+_INTERESTING = frozenset(b"Z123TnCIsESA")
 _FATAL_SEVERITY = (b"SFATAL", b"SPANIC")
 BACKEND_STREAM_AT = 256 * 1024   # backend messages larger than this (big rows) are relayed as they arrive
 _I32 = struct.Struct("!i")
@@ -60,6 +60,7 @@ class BackendRelay:
     """Backend → client. The state it reads and keeps is the session core's (set up there)."""
 
     transaction_mode: bool
+    client_pid: int
     counters: Counters
     client_params: dict[str, str]
     to_backend: bytearray
@@ -110,6 +111,10 @@ class BackendRelay:
                     pos = end_of_data
                 break
             if owed_ and owed_[0].kind is _K_READBACK:
+                if t == _NOTIFICATION:  # asynchronous: the client's, even during O7s's own query
+                    self._own_notification(buf, pos)
+                    pos = stop
+                    continue
                 out += buf[seg:pos]
                 seg = stop
                 if self._readback_message(t, pos, stop):
@@ -175,6 +180,8 @@ class BackendRelay:
                     self.backend.settings.reported[name] = value
                 if name in SYNCED_REPORTED:
                     self.client_params[name] = value
+            elif t == _NOTIFICATION:
+                self._own_notification(buf, pos)
             if hidden:
                 out += buf[seg:pos]
                 seg = stop
@@ -189,6 +196,14 @@ class BackendRelay:
         if self.owed or self.tx_status != b"I" or self.unsynced or self._bstream_left or pos != end_of_data:
             return KEEP
         return self._at_rest()
+
+    def _own_notification(self, buf: bytearray, pos: int) -> None:
+        """A notification the client's own backend sent names the process id the client was given (in
+        transaction mode that is not the backend's), so that a client can tell its own notifications."""
+        backend = self.backend
+        if (self.transaction_mode and backend is not None and backend.pid and self.client_pid
+                and _I32.unpack_from(buf, pos + 5)[0] == backend.pid):
+            _I32.pack_into(buf, pos + 5, self.client_pid)
 
     def _after_pop(self, out: bytearray) -> None:
         """Answers O7s made itself go out as soon as everything before them has."""

@@ -73,8 +73,9 @@ class SessionCore(BackendRelay):
 
     def __init__(self, *, transaction_mode: bool, counters: Counters, pool_statements: PoolStatements,
                  client_params: dict[str, str], take_token: Callable[[], bool],
-                 max_message: int = 1 << 30) -> None:
+                 max_message: int = 1 << 30, client_pid: int = 0) -> None:
         self.transaction_mode = transaction_mode
+        self.client_pid = client_pid            # the process id the client was given (BackendKeyData)
         self.counters = counters
         self.take_token = take_token
         self.max_message = max_message
