@@ -54,6 +54,16 @@ class Settings:
     auth_breaker_failures: int = 10
     auth_breaker_window: float = 150.0
     auth_breaker_block: float = 120.0
+    # --- token logins (user TOKEN_USER.ORG, the token as a cleartext password): JWTs and API keys ---
+    jwt_secret: str | None = field(default=None, repr=False)  # HS256 key; None: no HS256 tokens
+    jwks_file: str | None = None  # RS256/ES256 public keys (a JWKS document)
+    jwks_url: str | None = None  # the same, fetched in the background every jwks_refresh
+    jwks_refresh: float = 300.0
+    jwt_org_claim: str = "org"
+    jwt_role_claim: str = "role"
+    jwt_audience: str | None = None  # when set, tokens must carry it in `aud`
+    jwt_issuer: str | None = None  # when set, tokens must carry it in `iss`
+    token_login_plaintext: bool = False  # accept token logins without TLS (trusted networks only)
     drain_timeout: float = 30.0  # SIGTERM: how long open transactions may take to finish
     machine_id: int = 0  # 0-127, encoded in the BackendKeyData O7s hands out
     run_dir: str | None = None  # where workers' Unix sockets live (default: a fresh temp dir)
@@ -82,7 +92,8 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SECRETS = frozenset(("platform_dsn", "secret_key", "redis_url", "mongodb_url", "admin_token"))
+_SECRETS = frozenset(("platform_dsn", "secret_key", "redis_url", "mongodb_url", "admin_token", "jwt_secret"))
+MIN_JWT_SECRET = 32  # characters: RFC 7518 wants an HS256 key of at least 256 bits
 MIN_ADMIN_TOKEN = 16  # characters: a token short enough to guess protects nothing
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
@@ -130,7 +141,7 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not str(value).strip().isdigit():
             raise ValueError(f"expected a whole number, got {value!r}")
         return int(value)
-    if name in ("usage_sink_postgres", "admin_auth_reads"):
+    if name in ("usage_sink_postgres", "admin_auth_reads", "token_login_plaintext"):
         if isinstance(value, bool):
             return value
         v = str(value).strip().lower()
@@ -139,14 +150,15 @@ def _convert(name: str, value: Any) -> Any:
         return v in ("1", "true", "yes", "on")
     if name in ("startup_timeout", "pool_timeout", "server_idle_timeout", "server_connect_timeout", "catalog_ttl",
                 "drain_timeout", "rate_sync_interval", "rate_burst_seconds", "usage_window", "auth_breaker_window",
-                "auth_breaker_block", "message_timeout"):
+                "auth_breaker_block", "message_timeout", "jwks_refresh"):
         return _duration(value)
     if value is None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key", "admin_listen", "run_dir", "redis_url",
-                "mongodb_url", "ray_address", "admin_token"):
+                "mongodb_url", "ray_address", "admin_token", "jwt_secret", "jwks_file", "jwks_url", "jwt_audience",
+                "jwt_issuer"):
         return value.strip() or None
     return value.strip()
 
@@ -210,6 +222,17 @@ def _validate(s: Settings) -> None:
         raise ConfigError("catalog_ttl must not be negative")
     if not 1024 <= s.max_message_size <= 1024**3:
         raise ConfigError("max_message_size must be between 1KiB and 1GiB")
+    if s.jwt_secret is not None and len(s.jwt_secret) < MIN_JWT_SECRET:
+        raise ConfigError(f"jwt_secret must be at least {MIN_JWT_SECRET} characters (e.g. `openssl rand -hex 32`)")
+    if s.jwks_file is not None and not Path(s.jwks_file).is_file():
+        raise ConfigError(f"jwks_file: no such file: {s.jwks_file}")
+    if s.jwks_url is not None and not s.jwks_url.startswith(("https://", "http://")):
+        raise ConfigError("jwks_url must be an http(s) URL")
+    if s.jwks_refresh < 1:
+        raise ConfigError("jwks_refresh must be at least 1 s")
+    for name in ("jwt_org_claim", "jwt_role_claim"):
+        if not getattr(s, name):
+            raise ConfigError(f"{name} must not be empty")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("tls_cert and tls_key must be given together")
     for name in ("tls_cert", "tls_key"):

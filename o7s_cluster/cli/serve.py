@@ -23,6 +23,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
         "engine": args.engine, "ray_address": args.ray_address, "workers_per_node": args.workers_per_node,
         "admin_token": args.admin_token, "admin_auth_reads": True if args.admin_auth_reads else None,
+        "jwks_file": args.jwks_file, "jwks_url": args.jwks_url,
+        "token_login_plaintext": True if args.token_login_plaintext else None,
     }
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
@@ -94,6 +96,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    " (default: $O7S_ADMIN_TOKEN; none: changes are refused); prefer the environment: flags show in ps")
     s.add_argument("--admin-auth-reads", action="store_true", help="/metrics and /v1/* reads need the admin token"
                    " too (/health and /ready stay open)")
+    s.add_argument("--jwks-file", metavar="PATH", help="RS256/ES256 JWT logins: the issuer's public keys (JWKS)")
+    s.add_argument("--jwks-url", metavar="URL", help="RS256/ES256 JWT logins: a JWKS URL, fetched in the background"
+                   " (every jwks_refresh, 300 s)")
+    s.add_argument("--token-login-plaintext", action="store_true", help="accept JWT and API-key logins without TLS"
+                   " (the token travels in clear text: trusted networks only)")
     s.add_argument("--drain-timeout", metavar="SECONDS", help="SIGTERM: time open transactions get (default 30)")
     s.add_argument("--machine-id", metavar="N", help="0-127, distinguishes machines in cancel keys (default 0)")
     s.add_argument("--redis-url", metavar="URL", help="shared limits state (default: $REDIS_URL; none: node-local)")

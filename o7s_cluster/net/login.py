@@ -1,5 +1,6 @@
 """Start-up and login of one client: SSL and cancel requests, hand-off to the org's home worker,
-SCRAM-SHA-256 against the control plane, the org's limits, and its first backend (session mode).
+SCRAM-SHA-256 against the control plane (or, for the user `token.ORG`, a JWT or API key asked for as a
+cleartext password, over TLS only unless allowed), the org's limits, and its first backend (session mode).
 
 Everything a client sends before it has authenticated is capped to what it can legitimately be,
 and what all such clients hold in a worker is bounded in total (`PreAuthBudget`).
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from o7s_cluster.auth.tokens import MAX_TOKEN, TokenClaims, TokenRejected
 from o7s_cluster.limits.errors import LimitError
 from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy
 from o7s_cluster.net.backend import BackendConn, BackendError
@@ -51,6 +53,7 @@ MAX_AUTH_MESSAGE = 8192
 _SASL_RESPONSE = 0x70
 _PLUS = MECHANISM_PLUS.encode()
 _ORG_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+TOKEN_USER = "token"  # user `token.ORG`: the password is a JWT or an API key (asked for in clear text)
 
 
 def _login_blocked(org: str, address: str, left: float, policy: BreakerPolicy) -> ClientError:
@@ -84,6 +87,7 @@ class Login:
         self.org = ""
         self.db_name = ""
         self.login: OrgLogin | None = None
+        self.method = "password"  # how the client logged in: password, jwt (or apikey)
         self.wanted: dict[str, str] = {}
         self.client_params: dict[str, str] = {}
         self.pool: Pool | None = None
@@ -122,14 +126,14 @@ class Login:
         del self.pending[:n]
         return out
 
-    async def _read_auth(self) -> bytes:
-        """One SASL response message, its length capped before anything is buffered for it."""
+    async def _read_auth(self, limit: int = MAX_AUTH_MESSAGE) -> bytes:
+        """One SASL response (or password) message, its length capped before anything is buffered for it."""
         head = await self._take(5)
         if head[0] != _SASL_RESPONSE:
             raise ProtocolViolation(f"expected SASL response message, got {chr(head[0])!r}")
         length = int.from_bytes(head[1:5], "big", signed=True)
-        if length < 4 or length > MAX_AUTH_MESSAGE:
-            raise ProtocolViolation(f"invalid authentication message length {length} (limit {MAX_AUTH_MESSAGE})")
+        if length < 4 or length > limit:
+            raise ProtocolViolation(f"invalid authentication message length {length} (limit {limit})")
         return await self._take(length - 4)
 
     async def _send(self, data: bytes) -> None:
@@ -305,6 +309,8 @@ class Login:
                 log.exception("control plane lookup failed", extra={"org": self.org})
                 raise ClientError(codes.CONTROL_PLANE_UNAVAILABLE,
                                   "O7s cannot reach its control plane to authenticate you; try again shortly") from None
+        if self.user.partition(".")[0] == TOKEN_USER and "." in self.user:
+            return await self._token_authenticate(login, address)
         # On TLS, SCRAM-SHA-256-PLUS first (PostgreSQL's order): channel binding to this certificate.
         cbind = self.cbind if self.tls else None
         mechanisms = [MECHANISM_PLUS, MECHANISM] if cbind is not None else [MECHANISM]
@@ -336,6 +342,33 @@ class Login:
             await self._login_failed(address)
             raise failed
         await self._send(m.auth_sasl_final(final))
+        return login
+
+    async def _token_authenticate(self, login: OrgLogin | None, address: str) -> OrgLogin:
+        """A JWT (or API key) as the password: AuthenticationCleartextPassword, on TLS unless allowed."""
+        if not self.tls and not self.settings.token_login_plaintext:
+            raise ClientError(codes.INVALID_AUTHORIZATION,
+                              f'token logins (user "{TOKEN_USER}.ORG") need TLS', hint="Connect with sslmode=require.")
+        await self._send(m.auth_cleartext_password())
+        payload = await self._read_auth(MAX_TOKEN + 5)
+        failed = ClientError(codes.INVALID_PASSWORD, f"password authentication failed for user \"{self.user}\"")
+        if not payload.endswith(b"\0") or b"\0" in payload[:-1]:
+            raise ProtocolViolation("malformed password message")
+        token = payload[:-1].decode("utf-8", "replace")
+        self.method = "jwt"
+        server = self.server
+        try:
+            if not server.jwt.enabled:
+                raise TokenRejected("JWT logins are not configured")
+            claims: TokenClaims = server.jwt.verify(token, self.org)
+            if login is None:
+                raise TokenRejected("no such org")
+        except TokenRejected as exc:  # the reason goes to the log only: the client learns nothing from it
+            log.info("token login refused", extra={"org": self.org, "method": self.method, "reason": exc.reason})
+            await self._login_failed(address)
+            raise failed from None
+        if claims.role is not None:
+            self.wanted["role"] = claims.role  # as `options=-c role=...`: on every backend the session uses
         return login
 
     async def _login_failed(self, address: str) -> None:

@@ -33,6 +33,11 @@ def auth_ok() -> bytes:
     return _msg(b"R", _I32.pack(0))
 
 
+def auth_cleartext_password() -> bytes:
+    """AuthenticationCleartextPassword: O7s asks for it only for token logins (JWT, API key)."""
+    return _msg(b"R", _I32.pack(3))
+
+
 def auth_sasl(mechanisms: list[str]) -> bytes:
     return _msg(b"R", _I32.pack(10) + b"".join(_cstr(m) for m in mechanisms) + b"\x00")
 

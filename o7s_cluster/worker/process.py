@@ -83,6 +83,7 @@ class Worker:
                     server.remote_cancel = bus.publish
                     nursery.start_soon(bus.run)
                 nursery.start_soon(server.pools.run_reaper)
+                nursery.start_soon(server.jwks.run)  # JWT keys: read in the background, never per login
                 nursery.start_soon(self.router.receive, server, self._serve_handed)
                 nursery.start_soon(self._signals)
                 control = await trio.open_unix_socket(supervisor_socket_path(self.run_dir))

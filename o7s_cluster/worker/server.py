@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from o7s_cluster.admin.metrics import WorkerMetrics
+from o7s_cluster.auth.jwks import KeySet
+from o7s_cluster.auth.tokens import JWTPolicy, JWTVerifier
 from o7s_cluster.config import Settings
 from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.limits.logins import policy_from
@@ -74,6 +76,8 @@ class Server:
         self.sessions: dict[tuple[int, int], Session] = {}  # by the BackendKeyData O7s gave them
         self._next_pid = 0
         self.preauth = PreAuthBudget(settings.preauth_budget)
+        self.jwks = KeySet(_jwks_sources(settings), settings.jwks_refresh)  # kept current by jwks.run()
+        self.jwt = JWTVerifier(JWTPolicy.from_settings(settings), self.jwks)
         self.input_budget = InputBudget(settings.input_budget)
 
     # --- sessions ------------------------------------------------------------------------------
@@ -91,6 +95,8 @@ class Server:
         except (OSError, ssl.SSLError) as exc:
             log.error("TLS certificate reload failed; keeping the old one", extra={"error": str(exc)})
         self.limits.logins.set_policy(policy_from(settings))
+        self.jwt.policy = JWTPolicy.from_settings(settings)
+        self.jwks.reload(_jwks_sources(settings), settings.jwks_refresh)
         logging.getLogger().setLevel(settings.log_level.upper())
         self.catalog.invalidate()
         log.info("configuration reloaded")
@@ -178,6 +184,10 @@ class Server:
         tier_settings = {"statement_timeout": str(limits.statement_timeout_ms), "work_mem": limits.work_mem}
         return self.pools.add(key, Pool(db_name, target, limits.pool_size, self.pools.settings, tier_settings,
                                         org_name=login.name, db_type=db_type))
+
+
+def _jwks_sources(settings: Settings) -> list[str]:
+    return [src for src in (settings.jwks_file, settings.jwks_url) if src]
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
