@@ -155,6 +155,59 @@ async def test_free_org_20_queries_take_at_least_1_9_s_redis(redis_server) -> No
     assert 1.9 <= took < 2.6
 
 
+async def _throttled_marks(lim: Limits, tier: TierLimits, idle: float, n: int) -> list[bool]:
+    """What `admit` says of `n` sequential queries `idle` seconds apart (as slow queries leave them)."""
+    marks: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lim.run)
+        b = lim.bucket(ORG, "acme", tier)
+        for _ in range(n):
+            marks.append(await b.admit(False))
+            await trio.sleep(idle)
+        nursery.cancel_scope.cancel()
+    assert b.throttled == sum(marks)
+    return marks
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["node-local", "redis"])
+async def test_a_query_that_waited_only_for_a_top_up_is_not_throttled(remote, request) -> None:
+    """The first query of a bucket, and the first after its tokens were given back while idle, find the
+    local stock empty and wait for a top-up while the org is far under its rate: not throttled (issue 14)."""
+    url = request.getfixturevalue("redis_server").url if remote else None
+    lim = Limits(settings(url), worker_key="w0", idle_after=0.2)
+    assert await _throttled_marks(lim, PRO, 0.35, 6) == [False] * 6
+
+
+async def test_queries_past_the_rate_are_throttled_node_local() -> None:
+    lim = Limits(settings(None), worker_key="w0")
+    marks = await _throttled_marks(lim, FREE, 0.0, 12)  # B = 1, then 10 a second
+    assert marks[0] is False and all(marks[1:]), marks
+
+
+async def test_queries_past_the_rate_are_throttled_redis(redis_server) -> None:
+    lim = Limits(settings(redis_server.url), worker_key="w0")
+    marks = await _throttled_marks(lim, FREE, 0.0, 12)
+    assert marks[0] is False and all(marks[1:]), marks
+
+
+async def test_a_burst_within_one_top_up_is_not_throttled() -> None:
+    """Ten queries at once on an empty local stock of a pro org: one top-up (c = 20) serves them all."""
+    lim = Limits(settings(None), worker_key="w0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lim.run)
+        b = lim.bucket(ORG, "acme", PRO)
+        marks: list[bool] = []
+
+        async def one() -> None:
+            marks.append(await b.admit(False))
+
+        async with trio.open_nursery() as queries:
+            for _ in range(10):
+                queries.start_soon(one)
+        nursery.cancel_scope.cancel()
+    assert marks == [False] * 10 and b.throttled == 0
+
+
 async def test_refusal_beyond_longest_wait_and_in_transaction_waits() -> None:
     quick = dataclasses.replace(FREE, max_query_wait_ms=200)
     lim = Limits(settings(None), worker_key="w0")

@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import psycopg.errors
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RawPG, first_error, run_o7s, start_proxy, stop_proxy
+from conftest import RawPG, first_error, free_port, run_o7s, start_proxy, stop_proxy
 
 
 T = 0.1
@@ -368,3 +370,50 @@ def test_set_tier_raises_the_rate_of_open_connections_within_a_second(migrated, 
         stop_proxy(a)
         stop_proxy(b)
         run_o7s(migrated, "org", "set-tier", org.name, "free")
+
+
+# ------------------------------------------------------------------------------------ throttled counts
+
+SLOW_QUERIES = 5
+SLOW_SECONDS = 2.3  # past the workers' idle_after (2 s): each query finds the local stock given back
+
+
+def _org_metric(admin: str, name: str, org: str) -> float:
+    text = httpx.get(f"http://{admin}/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and s.labels.get("org") == org)
+
+
+def _settled(admin: str, org: str, queries: int) -> float:
+    """o7s_queries_throttled_total for `org` once the admin port has seen its `queries` queries."""
+    deadline = time.monotonic() + 15
+    while _org_metric(admin, "o7s_queries_total", org) < queries:
+        assert time.monotonic() < deadline, "the admin port never saw the queries"
+        time.sleep(0.2)
+    return _org_metric(admin, "o7s_queries_throttled_total", org)
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["node-local", "redis"])
+def test_slow_sequential_queries_are_not_counted_throttled(migrated, make_org, tmp_path, request, with_redis):
+    """Issue 14: a query that waits only for the worker's local stock to be topped up (the first one, or the
+    first after the stock was given back while idle) did not wait for the org's rate: not throttled. A
+    free org run past its 10 queries/s on the same proxy is counted, so the counter is not just stuck at 0."""
+    url = request.getfixturevalue("redis_server").url if with_redis else None
+    slow = make_org(f"lim_slow_{'r' if with_redis else 'l'}", "pro")
+    fast = make_org(f"lim_fast_{'r' if with_redis else 'l'}", "free")
+    admin = f"127.0.0.1:{free_port()}"
+    p = serve(migrated, tmp_path, url, 1, "--admin", admin)
+    try:
+        with psycopg.connect(p.dsn(slow), autocommit=True) as conn:
+            for _ in range(SLOW_QUERIES):
+                conn.execute("SELECT pg_sleep(%s)", (SLOW_SECONDS,))
+        assert _settled(admin, slow.name, SLOW_QUERIES) == 0
+        with psycopg.connect(p.dsn(fast), autocommit=True) as conn:
+            for _ in range(15):  # B = 1, then one token per 100 ms: at least 13 wait for the rate
+                conn.execute("BEGIN")
+                conn.execute("COMMIT")
+        throttled = _settled(admin, fast.name, 30)
+        print(f"\nslow pro queries throttled: 0 of {SLOW_QUERIES}; fast free queries throttled: {throttled:g} of 30")
+        assert throttled >= 13
+    finally:
+        stop_proxy(p)

@@ -260,7 +260,7 @@ def test_rate_limit_refusal_answers_and_skips_the_query():
     assert c.counters.refused == 1 and not c.to_backend
 
 
-def test_a_token_that_took_time_counts_as_throttled():
+def test_a_throttled_token_counts_as_throttled():
     c = core(tokens=False)
     assert c.feed_client(query("select 1"), 1.0) == NEED_TOKEN
     c.token_granted(waited=True)

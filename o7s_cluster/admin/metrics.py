@@ -399,7 +399,7 @@ _ORG_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
      "backend_connections"),
     ("o7s_queries", "counter", "Queries run (simple Query messages and extended-protocol Executes).", "queries"),
     ("o7s_query_errors", "counter", "Queries that ended in an error.", "errors"),
-    ("o7s_queries_throttled", "counter", "Queries that waited for a rate-limit token.", "throttled"),
+    ("o7s_queries_throttled", "counter", "Queries that waited for a rate-limit token because the org was over its rate.", "throttled"),
     ("o7s_queries_refused", "counter", "Queries refused by the rate limiter.", "refused"),
     ("o7s_bytes_received", "counter", "Bytes received from clients.", "bytes_in"),
     ("o7s_bytes_sent", "counter", "Bytes sent to clients.", "bytes_out"),

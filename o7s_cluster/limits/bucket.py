@@ -61,12 +61,14 @@ class LocalBucket:
 
 
 class _Waiter:
-    __slots__ = ("event", "granted", "gone")
+    __slots__ = ("event", "granted", "gone", "throttled", "round")
 
-    def __init__(self) -> None:
+    def __init__(self, dry: bool, round: int) -> None:
         self.event = trio.Event()
         self.granted = False
         self.gone = False
+        self.throttled = dry  # set when the org had no token for it: it waits for the rate, not a top-up
+        self.round = round  # the bucket's short deliveries when it queued
 
 
 class Bucket:
@@ -78,12 +80,18 @@ class Bucket:
         self.org_name = org_name
         self.stock = 0  # local tokens; > 0 only while nobody waits
         self.admitted = 0
-        self.throttled = 0  # queries that had to wait for a token
+        self.throttled = 0  # queries that had to wait for the org's rate (not just for a local top-up)
         self.refused = 0  # queries refused with 53400
         self.holders = 1  # last known number of workers holding tokens for this org (k)
         self._waiters: deque[_Waiter] = deque()
         self._tx_waiters: deque[_Waiter] = deque()  # inside a transaction: served first, never refused
         self._queued = 0
+        # A query that finds the local stock empty (the first one, or the first after the worker gave its
+        # tokens back while idle) waits for a top-up while the org is well under its rate: that is not
+        # throttling. It is when the org itself is short: a top-up brought fewer tokens than asked
+        # (`_dry` until one brings enough), or one left this query queued (`_short_rounds` moved on).
+        self._dry = False
+        self._short_rounds = 0
         self._asked = False  # a top-up was requested since the stock last fell to its low mark
         self._seen = 0  # `admitted` as the sync loop last saw it (demand detection without a clock read)
         now = trio.current_time()
@@ -139,17 +147,19 @@ class Bucket:
             return True
         return False
 
-    async def admit(self, in_transaction: bool) -> None:
+    async def admit(self, in_transaction: bool) -> bool:
+        """Take a token, waiting for one if need be; True when the query was throttled (it waited because
+        the org was out of tokens), False when it got one at once or only waited for a local top-up."""
         if self.stock > 0:  # the fast path: no checkpoint, no Redis
             self.stock -= 1
             self.admitted += 1
             if self.stock <= self.low and not self._asked:
                 self._asked = True
                 self._owner._kick()
-            return
-        await self._wait(in_transaction)
+            return False
+        return await self._wait(in_transaction)
 
-    async def _wait(self, in_transaction: bool) -> None:
+    async def _wait(self, in_transaction: bool) -> bool:
         owner = self._owner
         owner._buckets.setdefault(self.org_id, self)  # evicted (no connection was open): serve again
         if not in_transaction:
@@ -158,13 +168,12 @@ class Bucket:
             ahead = self._queued + 1 - self.capacity - self.cap * max(1, self.holders)
             if ahead > self.rate * self.max_wait:
                 self._refuse()
-        w = _Waiter()
+        w = _Waiter(self._dry, self._short_rounds)
         q = self._tx_waiters if in_transaction else self._waiters
         if len(q) > 64 and len(q) > 2 * self._queued:  # drop waiters that gave up
             q = self._prune(q, in_transaction)
         q.append(w)
         self._queued += 1
-        self.throttled += 1
         owner._kick()
         try:
             if in_transaction:
@@ -174,7 +183,7 @@ class Bucket:
                     await w.event.wait()
         except BaseException:
             if w.granted:  # cancelled after a token was handed over: pass it on
-                self._deliver(1)
+                self._deliver(1, short=None)
             else:
                 w.gone = True
                 self._queued -= 1
@@ -184,6 +193,9 @@ class Bucket:
             self._queued -= 1
             self._refuse()
         self.admitted += 1
+        if w.throttled:
+            self.throttled += 1
+        return w.throttled
 
     def _prune(self, q: deque[_Waiter], tx: bool) -> deque[_Waiter]:
         fresh = deque(w for w in q if not w.gone)
@@ -204,17 +216,24 @@ class Bucket:
             f"retry after {retry:.1f} s",
         )
 
-    def _deliver(self, n: int) -> None:
-        """Hand `n` new tokens to waiters, oldest first (transactions before others), the rest to stock."""
+    def _deliver(self, n: int, short: bool | None) -> None:
+        """Hand `n` new tokens to waiters, oldest first (transactions before others), the rest to stock.
+        `short`: the top-up brought fewer than it asked for (the org is at its rate); None: not a top-up."""
         for q in (self._tx_waiters, self._waiters):
             while n > 0 and q:
                 w = q.popleft()
                 if w.gone:
                     continue
                 w.granted = True
+                if w.round != self._short_rounds:  # an earlier delivery left it waiting
+                    w.throttled = True
                 self._queued -= 1
                 w.event.set()
                 n -= 1
+        if short is not None:
+            self._dry = short
+        if self._queued > 0:
+            self._short_rounds += 1  # those still queued wait for the rate
         self.stock += n
         if self.stock > self.low:
             self._asked = False

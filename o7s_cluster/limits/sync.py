@@ -117,6 +117,7 @@ class RateSync:
                 b._seen = b.admitted
                 b._last_demand = now
             if now - b._last_demand > self.idle_after:
+                b._dry = False  # idle for a while: the org's bucket has refilled since
                 if b.stock or b._holding:  # no demand: give the tokens back, stop drawing
                     give, b.stock = b.stock, 0
                     b._asked = False
@@ -145,7 +146,7 @@ class RateSync:
             if self._url is not None:
                 share.capacity = float(want)  # level + stock <= c: the share never builds a burst
             got = share.take(want, now)
-            b._deliver(got)
+            b._deliver(got, short=got < want)
             b._last_poll = now
             b._next_poll = now + (share.wait_for(1.0) if got < want else 0.0)
         if reqs:
@@ -165,7 +166,7 @@ class RateSync:
                 b._holding = True
                 b._synced_at = now
                 b._last_poll = now
-                b._deliver(granted)
+                b._deliver(granted, short=granted < want)
                 if granted < want:
                     need = min(want - granted, max(1, b.cap // 2))
                     b._next_poll = now + min(T, max(0.0005, (need - left) / b.rate))

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("o7s.session")
 _NOBODY = OrgMetrics("_unauthenticated", "none")
 HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing more waits
-_THROTTLE_FLOOR = 0.001  # a token that took less than this to come did not throttle the query
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -419,13 +418,12 @@ class ClientSession:
             await self._flush_backend()
         if core.to_client:
             await self._flush_client()
-        started = trio.current_time()
         try:
-            await bucket.admit(core.tx_status != b"I")
+            throttled = await bucket.admit(core.tx_status != b"I")
         except LimitError as exc:
             core.token_refused(limit_error(exc))
             return
-        core.token_granted(trio.current_time() - started >= _THROTTLE_FLOOR)
+        core.token_granted(throttled)
 
     # --- cancel --------------------------------------------------------------------------------
 
