@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -29,14 +31,21 @@ class Run:
     returncode: int | None
     output: str
 
-    def check(self, step: str) -> None:
-        """Fail the calling test unless `step` reported ok."""
+    def check(self, step: str, control: Callable[[], Run] | None = None) -> None:
+        """Fail the calling test unless `step` reported ok. With `control` (the same program run directly
+        against PostgreSQL, see run_direct), a failure says whether the step passes there, so that
+        a difference O7s makes is told from a fault of the workload."""
         got = self.results.get(step)
         if got is None:
             pytest.fail(f"step {step!r} reported nothing (exit {self.returncode}); output:\n{self.output[-TAIL:]}")
         ok, message = got
         if not ok:
-            pytest.fail(f"step {step!r} failed: {message}")
+            direct = ""
+            if control is not None:
+                d_ok, d_message = control().results.get(step, (False, "reported nothing"))
+                direct = ("\ndirectly against PostgreSQL the step passes (a difference O7s makes)" if d_ok
+                          else f"\ndirectly against PostgreSQL it fails too: {d_message}")
+            pytest.fail(f"step {step!r} failed through O7s: {message}{direct}\noutput:\n{self.output[-TAIL:]}")
 
 
 def proxy_mode(proxy) -> str:
@@ -52,11 +61,32 @@ def workload_env(proxy, org, **extra: str) -> dict[str, str]:
     return env
 
 
+def direct_env(org, **extra: str) -> dict[str, str]:
+    """The environment of a workload run straight against the org's PostgreSQL database (O7S_MODE=direct)."""
+    u = urlsplit(org.backend_dsn)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "O7S_"))}
+    env.update(O7S_HOST=u.hostname or "127.0.0.1", O7S_PORT=str(u.port or 5432), O7S_USER=unquote(u.username or ""),
+               O7S_PASSWORD=unquote(u.password or ""), O7S_DB=u.path.lstrip("/"), O7S_MODE="direct", **extra)
+    return env
+
+
 def run_workload(cmd: list[str], proxy, org, *, timeout: float, cwd: Path | None = None,
                  env: dict[str, str] | None = None) -> Run:
     """Run the program once, killing it after `timeout` seconds; the steps it reported by then count."""
     full_env = workload_env(proxy, org)
     full_env.update(env or {})
+    return _run(cmd, full_env, timeout=timeout, cwd=cwd)
+
+
+def run_direct(cmd: list[str], org, steps: list[str], *, timeout: float, cwd: Path | None = None,
+               env: dict[str, str] | None = None) -> Run:
+    """Run the program's `steps` (its argv) straight against PostgreSQL: the control for a failed step."""
+    full_env = direct_env(org)
+    full_env.update(env or {})
+    return _run([*cmd, *steps], full_env, timeout=timeout, cwd=cwd)
+
+
+def _run(cmd: list[str], full_env: dict[str, str], *, timeout: float, cwd: Path | None) -> Run:
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, stdin=subprocess.DEVNULL)
     try:
