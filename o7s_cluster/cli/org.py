@@ -124,8 +124,8 @@ def cmd_org_delete(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add `migrate`, `keygen` and `org ...` to the `o7s` parser's subcommands."""
+def register(sub: Any, common: argparse.ArgumentParser) -> Any:
+    """Add `migrate`, `keygen` and `org ...` to the `o7s` parser's subcommands; returns `org`'s subcommands."""
     add_command(sub, "migrate", cmd_migrate, "create or upgrade the platform schema (idempotent)", common)
     add_command(sub, "keygen", cmd_keygen, "print a new O7S_SECRET_KEY", common)
 
@@ -161,3 +161,4 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--json", action="store_true")
     c = add_command(org, "delete", cmd_org_delete, "delete an org, its login and its database registrations", common)
     c.add_argument("org", metavar="ORG")
+    return org

@@ -16,11 +16,13 @@ from typing import Any, TypeVar
 import trio
 from psycopg.rows import dict_row
 
+from o7s_cluster.auth.apikeys import StoredKey
 from o7s_cluster.control_plane.db import LIMIT_COLS, ORG_RE, CatalogError, TierLimits, one_line
 from o7s_cluster.control_plane.dsn import BackendTarget, parse_dsn
 from o7s_cluster.control_plane.vault import Vault, VaultError
 
 T = TypeVar("T")
+KEY_TOUCH_INTERVAL = 60.0  # seconds: an API key's last_used_at is written at most this often per worker
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class TrioCatalog:
         self._limiter = trio.CapacityLimiter(max_connections)
         self._cache: dict[tuple, tuple[float, float, Any]] = {}  # key -> (expires, fetched, value), oldest first
         self._flights: dict[tuple, _Flight] = {}
+        self._touched: dict[str, float] = {}  # API key id -> when its last_used_at was last written
 
     # -- plumbing
 
@@ -165,6 +168,18 @@ class TrioCatalog:
             return None
         return parse_dsn(self.vault.decrypt(rows[0]["connection_string"])), rows[0]["database_type"]
 
+    def _load_api_key(self, prefix: str) -> StoredKey | None:
+        rows = self._query(
+            "SELECT id::text AS id, org_id::text AS org_id, name, key_hash, expires_at, revoked_at IS NOT NULL AS revoked"
+            " FROM platform.api_keys WHERE prefix = %s", (prefix,))
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredKey(r["id"], r["org_id"], r["name"], bytes(r["key_hash"]), r["expires_at"], r["revoked"])
+
+    def _touch_api_key(self, key_id: str) -> None:
+        self._query("UPDATE platform.api_keys SET last_used_at = now() WHERE id = %s RETURNING id", (key_id,))
+
     def _load_key_check(self) -> None:
         rows = self._query("SELECT token FROM platform.secret_key_check", ())
         if rows:
@@ -184,6 +199,20 @@ class TrioCatalog:
             return None
         return await self._cached(("backend", org_id, db_name), self._load_backend, org_id, db_name)
 
+    async def api_key(self, prefix: str) -> StoredKey | None:
+        """An API key's row by its prefix (cached like logins: a revocation shows within the TTL)."""
+        return await self._cached(("apikey", prefix), self._load_api_key, prefix)
+
+    async def touch_api_key(self, key_id: str) -> None:
+        """Record a key's use (`last_used_at`), at most once per KEY_TOUCH_INTERVAL per worker."""
+        now = time.monotonic()
+        if now - self._touched.get(key_id, -KEY_TOUCH_INTERVAL) < KEY_TOUCH_INTERVAL:
+            return
+        if len(self._touched) > 10_000:
+            self._touched.clear()
+        self._touched[key_id] = now
+        await self._run(self._touch_api_key, key_id)
+
     async def check_key(self) -> None:
         """Raise VaultError now, at start-up, rather than at the first client, when the key is wrong."""
         await self._run(self._load_key_check)
@@ -196,10 +225,12 @@ class TrioCatalog:
             return False
 
     def invalidate(self, org_name: str | None = None) -> None:
-        """Drop cached entries: everything, or one org's login and backends."""
+        """Drop cached entries: everything, or one org's login, backends and API keys."""
         if org_name is None:
             self._cache.clear()
             return
+        for key in [k for k in self._cache if k[0] == "apikey"]:  # keys are cached by prefix: drop them all
+            del self._cache[key]
         hit = self._cache.pop(("login", org_name), None)
         org_id = hit[2].org_id if hit is not None and hit[2] is not None else None
         if org_id is not None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from o7s_cluster.auth.tokens import MAX_TOKEN, TokenClaims, TokenRejected
+from o7s_cluster.auth.apikeys import check_key, key_prefix, looks_like_key
+from o7s_cluster.auth.tokens import MAX_TOKEN, TokenRejected
 from o7s_cluster.limits.errors import LimitError
 from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy
 from o7s_cluster.net.backend import BackendConn, BackendError
@@ -87,7 +88,7 @@ class Login:
         self.org = ""
         self.db_name = ""
         self.login: OrgLogin | None = None
-        self.method = "password"  # how the client logged in: password, jwt (or apikey)
+        self.method = "password"  # how the client logged in: password, jwt or apikey
         self.wanted: dict[str, str] = {}
         self.client_params: dict[str, str] = {}
         self.pool: Pool | None = None
@@ -355,21 +356,46 @@ class Login:
         if not payload.endswith(b"\0") or b"\0" in payload[:-1]:
             raise ProtocolViolation("malformed password message")
         token = payload[:-1].decode("utf-8", "replace")
-        self.method = "jwt"
-        server = self.server
+        self.method = "apikey" if looks_like_key(token) else "jwt"
+        role: str | None = None
         try:
-            if not server.jwt.enabled:
-                raise TokenRejected("JWT logins are not configured")
-            claims: TokenClaims = server.jwt.verify(token, self.org)
-            if login is None:
-                raise TokenRejected("no such org")
+            if self.method == "apikey":
+                await self._check_api_key(token, login)
+            else:
+                if not self.server.jwt.enabled:
+                    raise TokenRejected("JWT logins are not configured")
+                role = self.server.jwt.verify(token, self.org).role
+                if login is None:
+                    raise TokenRejected("no such org")
         except TokenRejected as exc:  # the reason goes to the log only: the client learns nothing from it
             log.info("token login refused", extra={"org": self.org, "method": self.method, "reason": exc.reason})
             await self._login_failed(address)
             raise failed from None
-        if claims.role is not None:
-            self.wanted["role"] = claims.role  # as `options=-c role=...`: on every backend the session uses
+        assert login is not None
+        if role is not None:
+            self.wanted["role"] = role  # as `options=-c role=...`: on every backend the session uses
         return login
+
+    async def _check_api_key(self, key: str, login: OrgLogin | None) -> None:
+        prefix = key_prefix(key)
+        assert prefix is not None
+        try:
+            stored = await self.server.catalog.api_key(prefix)
+        except Exception:
+            log.exception("control plane lookup failed", extra={"org": self.org})
+            raise ClientError(codes.CONTROL_PLANE_UNAVAILABLE,
+                              "O7s cannot reach its control plane to authenticate you; try again shortly") from None
+        reason = check_key(key, stored, login.org_id if login else None, datetime.datetime.now(datetime.timezone.utc))
+        if reason is not None:
+            raise TokenRejected(reason)
+        assert stored is not None
+        self.server.nursery.start_soon(self._touch_key, stored.id)
+
+    async def _touch_key(self, key_id: str) -> None:
+        try:
+            await self.server.catalog.touch_api_key(key_id)
+        except Exception as exc:  # last use is bookkeeping: never fail anything over it
+            log.warning("could not record an API key's use", extra={"error": type(exc).__name__})
 
     async def _login_failed(self, address: str) -> None:
         server = self.server
