@@ -11,7 +11,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from o7s_cluster.cli.main import main
-from tests.conftest import create_backend_db, run_o7s
+from tests.conftest import create_backend_db, free_port, run_o7s, start_proxy, stop_proxy
 
 SECRET_BACKEND_PW = "Backend-" + secrets.token_urlsafe(8)
 
@@ -212,6 +212,26 @@ def test_serve_on_a_busy_port(migrated, make_org):
         port = s.getsockname()[1]
         err = fail(migrated, "serve", "--listen", f"127.0.0.1:{port}")
     assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in err
+
+
+def test_serve_where_another_serve_runs(migrated, make_org, tmp_path):
+    """The workers bind with SO_REUSEPORT, so a second `o7s serve` of the same user could join the first one's
+    port unseen; it must fail before serving, naming the port and the flag (issue 14)."""
+    make_org("cli-serve", "free")
+    admin = free_port()
+    first = start_proxy(migrated, tmp_path, "--workers", "1", "--admin", f"127.0.0.1:{admin}")
+    try:
+        err = fail(migrated, "serve", "--listen", f"127.0.0.1:{first.port}", "--workers", "1")
+        assert f"cannot serve on 127.0.0.1:{first.port}: Address already in use" in err
+        assert "choose another with --listen HOST:PORT" in err
+        err = fail(migrated, "serve", "--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{admin}")
+        assert f"cannot open the admin port on 127.0.0.1:{admin}: Address already in use" in err
+        assert "choose another with --admin HOST:PORT" in err
+        err = fail(migrated, "serve", "--listen", f"127.0.0.1:{free_port()}", "--admin", "nowhere.invalid:9")
+        assert "cannot open the admin port on nowhere.invalid:9" in err and "--admin HOST:PORT" in err
+        assert first.proc.poll() is None  # the first one is untouched
+    finally:
+        stop_proxy(first)
 
 
 def test_main_in_process(capsys):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import sys
 from typing import Any
 
 from o7s_cluster.cli.common import CommandError, add_command
@@ -29,18 +32,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, overrides=flags)
     if settings.platform_dsn is None:
         from o7s_cluster.cluster import supervisor as server  # the data path; imported only when serving
-        from o7s_cluster.control_plane.embedded import embedded_platform
+        from o7s_cluster.control_plane.embedded import banner, default_admin, embedded_platform
 
+        if settings.admin_listen is None:
+            settings = dataclasses.replace(settings, admin_listen=default_admin(settings))
+        _check_ports(settings)  # before the throwaway server starts and anything is printed
+        key_given = settings.secret_key is not None
         with embedded_platform(settings) as (settings, psql_line):
-            print(f"O7s embedded mode: a throwaway control plane and a demo org. Connect with:\n  {psql_line}",
-                  flush=True)
+            print(banner(settings, psql_line, key_given=key_given, venv=_venv()), flush=True)
             _run_server(_engine(settings, server), settings, None)
         return 0
     Admin(settings.platform_dsn).verify(Vault(settings.secret_key))
+    _check_ports(settings)
     from o7s_cluster.cluster import supervisor as server
 
     _run_server(_engine(settings, server), settings, lambda: load_settings(args.config, overrides=flags))
     return 0
+
+
+def _check_ports(settings: Any) -> None:
+    """A taken listen or admin port is an error naming it and its flag, before anything starts. With
+    --engine ray the ports are bound on the Ray nodes, not necessarily here: not checked."""
+    if settings.engine == "ray":
+        return
+    from o7s_cluster.cluster.ports import PortError, check_ports
+
+    try:
+        check_ports(settings)
+    except PortError as e:
+        raise CommandError(str(e)) from None
+
+
+def _venv() -> str | None:
+    """The virtualenv this `o7s` runs from (its `bin/activate`), to tell a newcomer how to reach `o7s`."""
+    activate = os.path.join(sys.prefix, "bin", "activate")
+    return activate if sys.prefix != sys.base_prefix and os.path.exists(activate) else None
 
 
 def _engine(settings: Any, server: Any) -> Any:
@@ -91,7 +117,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     s.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
     s.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP port: /health /ready /metrics /v1/... "
-                   "(default: none)")
+                   "(default: none; embedded mode: 127.0.0.1 and the listen port + 1)")
     s.add_argument("--admin-token", metavar="TOKEN", help="bearer token the admin port requires for changes"
                    " (default: $O7S_ADMIN_TOKEN; none: changes are refused); prefer the environment: flags show in ps")
     s.add_argument("--admin-auth-reads", action="store_true", help="/metrics and /v1/* reads need the admin token"

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import trio
 from o7s_cluster.worker.affinity import MAX_WORKERS
 from o7s_cluster import logs
 from o7s_cluster.config import Settings, parse_listen
+from o7s_cluster.cluster.ports import PortError, check_ports, port_error
 from o7s_cluster.limits.release import release_dead_worker
 from o7s_cluster.worker.router import supervisor_socket_path
 
@@ -37,17 +37,6 @@ MAX_STARTUP_FAILURES = 5  # a worker that dies this many times in a row before s
 
 class ClusterError(Exception):
     """The cluster cannot run (its workers keep dying at start-up)."""
-
-
-def probe_listen(settings: Settings) -> None:
-    """Fail now, in the supervisor, if the public address cannot be bound (in use, not ours...),
-    rather than in every worker forever. Bound with SO_REUSEPORT like the workers, never listened on."""
-    family, type_, proto, _, addr = socket.getaddrinfo(
-        settings.listen_host, settings.listen_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    with socket.socket(family, type_, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
 
 
 @dataclasses.dataclass
@@ -91,19 +80,29 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(trio.serve_listeners, self._control, [trio.SocketListener(sock)])
+                if self.settings.admin_listen and not await self._open_admin(nursery):
+                    nursery.cancel_scope.cancel()
+                    return
                 for index in range(self.target):
                     await self._spawn(index)
-                if self.settings.admin_listen:
-                    from o7s_cluster.admin.http import AdminAuth, serve_admin
-
-                    host, port = parse_listen(self.settings.admin_listen)
-                    auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
-                    await nursery.start(partial(serve_admin, auth=auth), host, port, self)
                 nursery.start_soon(self._signals)
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(self.run_dir, ignore_errors=True) if not self.settings.run_dir else None
+
+    async def _open_admin(self, nursery: trio.Nursery) -> bool:
+        """Open the admin port before any worker starts; False (and `failure` set) if it cannot be bound."""
+        from o7s_cluster.admin.http import AdminAuth, serve_admin
+
+        host, port = parse_listen(self.settings.admin_listen or "")
+        auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
+        try:
+            await nursery.start(partial(serve_admin, auth=auth), host, port, self)
+        except OSError as e:  # taken since check_ports looked, or not resolvable
+            self.failure = port_error("open the admin port on", host, port, "--admin HOST:PORT", e)
+            return False
+        return True
 
     async def _spawn(self, index: int) -> None:
         env = dict(os.environ)
@@ -340,7 +339,10 @@ def ping_control_plane(dsn: str | None) -> bool:
 
 
 async def supervise(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    probe_listen(settings)
+    try:  # fail now, in the supervisor, rather than in every worker forever
+        check_ports(settings)
+    except PortError as e:
+        raise ClusterError(str(e)) from None
     supervisor = Supervisor(settings, reload)
     await supervisor.run()
     if supervisor.failure:

@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -134,3 +135,31 @@ def embedded_platform(settings: Settings) -> Iterator[tuple[Settings, str]]:
         host = f"[{host}]" if ":" in host else host
         psql = f'psql "postgresql://demo:{demo_pw}@{host}:{settings.listen_port}/demo"'
         yield dataclasses.replace(settings, platform_dsn=platform, secret_key=key), psql
+
+
+def default_admin(settings: Settings) -> str:
+    """Embedded mode opens the admin port unless told otherwise: on 127.0.0.1 (it has no token here),
+    the listen port + 1 (a free port when there is none)."""
+    port = settings.listen_port + 1 if 0 < settings.listen_port < 65535 else _free_port()
+    return f"127.0.0.1:{port}"
+
+
+def banner(settings: Settings, psql: str, *, key_given: bool, venv: str | None) -> str:
+    """What embedded mode prints: the psql line, the admin port, and the lines to paste in another shell
+    so that `o7s org ...` and `o7s ctl ...` work against this throwaway control plane."""
+    admin = settings.admin_listen
+    lines = ["O7s embedded mode: a throwaway control plane and a demo org (removed when this stops).",
+             "Connect with:", f"  {psql}"]
+    if admin:
+        lines.append(f"Admin port: http://{admin} (/health /ready /metrics /v1/...)")
+    lines.append("To run `o7s org ...` / `o7s ctl ...` against it from another shell, paste:")
+    if venv:
+        lines.append(f"  source {shlex.quote(venv)}")
+    lines.append(f"  export O7S_PLATFORM_DSN={shlex.quote(settings.platform_dsn or '')}")
+    if key_given:
+        lines.append("  # and O7S_SECRET_KEY: the key this was started with")
+    else:
+        lines.append(f"  export O7S_SECRET_KEY={shlex.quote(settings.secret_key or '')}")
+    if admin:
+        lines.append(f"  export O7S_ADMIN_LISTEN={shlex.quote(admin)}")
+    return "\n".join(lines)
