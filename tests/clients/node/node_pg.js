@@ -15,6 +15,11 @@ const ROUNDS = 20 // transactions per worker
 const COPY_ROWS = 2000
 const CANCEL_AFTER_MS = 500
 const CANCELLED_WITHIN_MS = 5000
+const CANCELS = 2
+// Now and then a cancel also ends the next statement on the connection, 1-4 ms into it: directly
+// against PostgreSQL 15 as through O7s (4 and 2 of 60 tries with postgres.js). Such a statement is
+// run again, up to this many times in all.
+const CANCEL_RETRIES = 2
 
 const config = (extra = {}) => ({
   host: env.host, port: env.port, user: env.user, password: env.password, database: env.database,
@@ -166,16 +171,23 @@ async function errorThenUsable() {
 async function cancel() {
   // The driver's cancel (a CancelRequest on a new connection) of a running query.
   await withClient(async (c) => {
-    for (let i = 0; i < 2; i++) {
+    let cancelled = 0
+    for (let i = 0; cancelled < CANCELS && i < CANCELS + CANCEL_RETRIES; i++) {
       const t0 = Date.now()
+      let endedAt = null
       const q = c.query('SELECT pg_sleep(10)')
+      const outcome = rejects(q.finally(() => { endedAt = Date.now() - t0 }), 'the cancelled query')
       await sleep(CANCEL_AFTER_MS)
+      if (endedAt !== null && (await outcome).code === '57014') continue // the previous cancel landed late
+      check(endedAt === null, `cancel ${i}: the query ended ${endedAt} ms in, before its cancel was sent`)
       new pg.Client(config()).cancel(c, c.activeQuery)
-      const e = await rejects(q, 'the cancelled query')
+      const e = await outcome
       eq(e.code, '57014', 'sqlstate of the cancelled query')
       check(Date.now() - t0 < CANCELLED_WITHIN_MS, `the cancel took ${Date.now() - t0} ms`)
       eq((await c.query("SELECT 'after cancel' AS a")).rows, [{ a: 'after cancel' }], 'usable after the cancel')
+      cancelled++
     }
+    eq(cancelled, CANCELS, 'queries cancelled')
     // A statement timeout for one transaction.
     await c.query('BEGIN')
     await c.query("SET LOCAL statement_timeout = '200ms'")
