@@ -45,6 +45,7 @@ class Settings:
     # --- cluster (supervisor and workers) ---
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     admin_listen: str | None = None  # HOST:PORT of the admin HTTP port; None: no admin port
+    redis_listen: str | None = None  # HOST:PORT where O7s speaks RESP to Redis clients; None: off
     # Bearer token for the admin port's state-changing requests (None: those are refused); with
     # admin_auth_reads, also for /metrics and /v1/* reads. /health and /ready never need it.
     admin_token: str | None = field(default=None, repr=False)
@@ -156,9 +157,9 @@ def _convert(name: str, value: Any) -> Any:
         return None
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
-    if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key", "admin_listen", "run_dir", "redis_url",
-                "mongodb_url", "ray_address", "admin_token", "jwt_secret", "jwks_file", "jwks_url", "jwt_audience",
-                "jwt_issuer"):
+    if name in ("platform_dsn", "secret_key", "tls_cert", "tls_key", "admin_listen", "redis_listen", "run_dir",
+                "redis_url", "mongodb_url", "ray_address", "admin_token", "jwt_secret", "jwks_file", "jwks_url",
+                "jwt_audience", "jwt_issuer"):
         return value.strip() or None
     return value.strip()
 
@@ -206,6 +207,11 @@ def _validate(s: Settings) -> None:
             parse_listen(s.admin_listen)
         except ValueError as e:
             raise ConfigError(f"admin_listen: {e}") from None
+    if s.redis_listen is not None:
+        try:
+            parse_listen(s.redis_listen)
+        except ValueError as e:
+            raise ConfigError(f"redis_listen: {e}") from None
     if s.admin_token is not None:
         if len(s.admin_token) < MIN_ADMIN_TOKEN or not _TOKEN_CHARS.fullmatch(s.admin_token):
             raise ConfigError(f"admin_token must be at least {MIN_ADMIN_TOKEN} visible ASCII characters"

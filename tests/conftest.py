@@ -439,3 +439,64 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
         yield srv
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- Redis as a
+# tenant database (issue 12): one redis-server shared by the orgs ra, rb (pro) and rfree (free), and one
+# `o7s serve --redis-listen` in front of it, for test_redis_*.py.
+
+import redis as _redis  # noqa: E402
+
+
+@dataclass
+class RedisProxy:
+    proxy: Proxy
+    port: int
+    backend: RedisServer
+
+    def client(self, org: Org, protocol: int = 2, user: str | None = None, **kw) -> _redis.Redis:
+        return _redis.Redis(host="127.0.0.1", port=self.port, username=user or org.name, password=org.password,
+                           protocol=protocol, socket_timeout=10, **kw)
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path_factory.mktemp("redis-backend"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def add_redis(env: dict[str, str], org: Org, backend: RedisServer, *extra: str) -> None:
+    out = run_o7s(env, "org", "show", org.name).stdout
+    if "redis" not in out.split("databases")[-1] or extra:
+        run_o7s(env, "org", "add-db", org.name, backend.url, "--type", "redis", *extra)
+
+
+@pytest.fixture(scope="session")
+def rp(migrated, make_org, backend, tmp_path_factory) -> Iterator[RedisProxy]:
+    for name, tier in (("ra", "pro"), ("rb", "pro"), ("rfree", "free")):
+        add_redis(migrated, make_org(name, tier), backend)
+    port = free_port()
+    p = start_proxy(migrated, tmp_path_factory.mktemp("redis-proxy"), "--redis-listen", f"127.0.0.1:{port}",
+                    "--workers", "1")
+    wait_port("127.0.0.1", port, proc=p.proc)
+    yield RedisProxy(p, port, backend)
+    stop_proxy(p)
+
+
+@pytest.fixture
+def ra(make_org) -> Org:
+    return make_org("ra", "pro")
+
+
+@pytest.fixture
+def rb(make_org) -> Org:
+    return make_org("rb", "pro")
+
+
+@pytest.fixture
+def direct(backend) -> _redis.Redis:
+    return _redis.Redis.from_url(backend.url)
+
+

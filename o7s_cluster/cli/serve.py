@@ -23,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "message_timeout": args.message_timeout, "input_budget": args.input_budget,
         "preauth_budget": args.preauth_budget,
         "log_level": args.log_level, "workers": args.workers, "admin_listen": args.admin,
+        "redis_listen": args.redis_listen,
         "drain_timeout": args.drain_timeout, "machine_id": args.machine_id, "redis_url": args.redis_url,
         "engine": args.engine, "ray_address": args.ray_address, "workers_per_node": args.workers_per_node,
         "admin_token": args.admin_token, "admin_auth_reads": True if args.admin_auth_reads else None,
@@ -118,6 +119,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
     s.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP port: /health /ready /metrics /v1/... "
                    "(default: none; embedded mode: 127.0.0.1 and the listen port + 1)")
+    s.add_argument("--redis-listen", metavar="HOST:PORT", help="also serve Redis clients (RESP2/RESP3) here,"
+                   " for orgs with a Redis database (default: off)")
     s.add_argument("--admin-token", metavar="TOKEN", help="bearer token the admin port requires for changes"
                    " (default: $O7S_ADMIN_TOKEN; none: changes are refused); prefer the environment: flags show in ps")
     s.add_argument("--admin-auth-reads", action="store_true", help="/metrics and /v1/* reads need the admin token"

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from o7s_cluster.auth.apikeys import StoredKey
 from o7s_cluster.control_plane.db import LIMIT_COLS, ORG_RE, CatalogError, TierLimits, one_line
 from o7s_cluster.control_plane.dsn import BackendTarget, parse_dsn
+from o7s_cluster.control_plane.redis_dsn import RedisTarget, parse_redis_dsn
 from o7s_cluster.control_plane.vault import Vault, VaultError
 
 T = TypeVar("T")
@@ -166,6 +167,8 @@ class TrioCatalog:
         )
         if not rows:
             return None
+        if rows[0]["database_type"] == "redis":
+            return None  # not a Postgres backend: a Postgres client naming it gets "does not exist"
         return parse_dsn(self.vault.decrypt(rows[0]["connection_string"])), rows[0]["database_type"]
 
     def _load_api_key(self, prefix: str) -> StoredKey | None:
@@ -179,6 +182,22 @@ class TrioCatalog:
 
     def _touch_api_key(self, key_id: str) -> None:
         self._query("UPDATE platform.api_keys SET last_used_at = now() WHERE id = %s RETURNING id", (key_id,))
+
+    def _load_redis(self, org_id: str) -> list[tuple[str, RedisTarget]]:
+        rows = self._query(
+            "SELECT db_name, connection_string FROM platform.database_credentials"
+            " WHERE org_id = %s AND database_type = 'redis' AND is_active ORDER BY created_at, db_name",
+            (org_id,),
+        )
+        return [(r["db_name"], parse_redis_dsn(self.vault.decrypt(r["connection_string"]))) for r in rows]
+
+    async def redis_databases(self, org_id: str) -> list[tuple[str, RedisTarget]]:
+        """The org's Redis databases (client-facing name, decrypted target), the first registered first."""
+        try:
+            uuid.UUID(org_id)
+        except ValueError:
+            return []
+        return await self._cached(("redis", org_id), self._load_redis, org_id)
 
     def _load_key_check(self) -> None:
         rows = self._query("SELECT token FROM platform.secret_key_check", ())
@@ -234,7 +253,7 @@ class TrioCatalog:
         hit = self._cache.pop(("login", org_name), None)
         org_id = hit[2].org_id if hit is not None and hit[2] is not None else None
         if org_id is not None:
-            for key in [k for k in self._cache if k[0] == "backend" and k[1] == org_id]:
+            for key in [k for k in self._cache if k[0] in ("backend", "redis") and k[1] == org_id]:
                 del self._cache[key]
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import psycopg
 
 from o7s_cluster.control_plane.dsn import scrub_libpq_error
 
-DB_TYPES = ("postgres", "neon")
+DB_TYPES = ("postgres", "neon", "redis")
 ORG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from o7s_cluster.control_plane.db import DB_TYPES, LIMIT_COLS, ORG_RE, CatalogError, TierLimits, connect, one_line
 from o7s_cluster.control_plane.dsn import BackendTarget, parse_dsn
 from o7s_cluster.control_plane.migrate import MIGRATIONS_DIR
+from o7s_cluster.control_plane.redis_dsn import RedisTarget, parse_redis_dsn
 from o7s_cluster.control_plane.vault import Vault
 from o7s_cluster.pgwire.scram import make_verifier
 
@@ -115,7 +116,7 @@ class Admin:
         return row["id"]
 
     @staticmethod
-    def _insert_db(cur: psycopg.Cursor, org: str, org_id: str, target: BackendTarget, db_type: str,
+    def _insert_db(cur: psycopg.Cursor, org: str, org_id: str, target: BackendTarget | RedisTarget, db_type: str,
                    db_name: str, vault: Vault) -> None:
         try:
             with cur.connection.transaction():  # savepoint: turn the duplicate into a clear message
@@ -133,7 +134,7 @@ class Admin:
         _check_name(name)
         _check_db_type(db_type)
         _check_password(password)
-        target = _parse(backend_dsn)
+        target = _parse(backend_dsn, db_type)
         db_name = db_name or target.dbname
         _check_db_name(db_name)
         verifier = make_verifier(password)
@@ -154,7 +155,7 @@ class Admin:
     def add_db(self, org: str, dsn: str, db_type: str, vault: Vault, db_name: str | None = None) -> str:
         """Register another backend database for an org; returns its client-facing name."""
         _check_db_type(db_type)
-        target = _parse(dsn)
+        target = _parse(dsn, db_type)
         db_name = db_name or target.dbname
         _check_db_name(db_name)
         with self._tx() as cur:
@@ -217,7 +218,7 @@ class Admin:
         databases = [
             DatabaseInfo(
                 d["db_name"], d["database_type"], d["is_active"],
-                parse_dsn(vault.decrypt(d["connection_string"])).redacted() if vault is not None else None,
+                _parse(vault.decrypt(d["connection_string"]), d["database_type"]).redacted() if vault is not None else None,
             )
             for d in dbs
         ]
@@ -229,8 +230,8 @@ class Admin:
             cur.execute("DELETE FROM platform.organizations WHERE id = %s", (self._org_id(cur, org),))
 
 
-def _parse(dsn: str) -> BackendTarget:
+def _parse(dsn: str, db_type: str = "postgres") -> BackendTarget | RedisTarget:
     try:
-        return parse_dsn(dsn)
+        return parse_redis_dsn(dsn) if db_type == "redis" else parse_dsn(dsn)
     except ValueError as e:
         raise CatalogError(str(e)) from None

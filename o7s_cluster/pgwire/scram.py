@@ -252,6 +252,22 @@ def parse_verifier(s: str) -> tuple[int, bytes, bytes, bytes]:
     return iterations, salt, stored_key, server_key
 
 
+def check_password(verifier: str | None, password: str) -> bool:
+    """Whether a cleartext password (Redis's AUTH) matches a SCRAM verifier: derive StoredKey with the
+    verifier's salt and iterations and compare in constant time. Without a verifier (unknown org) the same
+    work is done against a throwaway one, so the answer's timing tells nobody which orgs exist."""
+    try:
+        iterations, salt, stored_key, _ = parse_verifier(verifier) if verifier else (DEFAULT_ITERATIONS, b"x" * SALT_LEN,
+                                                                                      b"", b"")
+    except ValueError:
+        return False
+    try:
+        _, derived, _ = _keys(_salted_password(password, salt, iterations))
+    except (ValueError, UnicodeError):
+        return False
+    return bool(stored_key) and hmac.compare_digest(derived, stored_key)
+
+
 # --------------------------------------------------------------------------------------------------
 # md5 (backend auth with AuthenticationMD5Password)
 

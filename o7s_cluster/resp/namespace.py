@@ -2,9 +2,10 @@
 taken off replies that name keys or channels, commands that reach beyond the namespace refused, and
 FLUSHDB / DBSIZE / RANDOMKEY emulated within it. Sans-IO: commands in, commands and reply rewrites out.
 
-Isolation does not rest on this module alone: the shell also logs its backend connections in as a
-per-org Redis ACL user limited to the prefix (keys and channels), which covers what a prefix cannot,
-such as key names a script builds at run time.
+Isolation does not rest on this module alone for scripts: the shell runs the client's scripts (EVAL,
+EVALSHA, FCALL) on backend connections logged in as a per-org Redis ACL user limited to the prefix (keys
+and channels, no KEYS/SCAN), which covers what a prefix cannot: key names a script builds at run time.
+Everything else is rewritten here and runs with the registered URL's own credentials.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ T_NONE, T_KEYS, T_SCAN, T_FIRST, T_XREAD, T_CHANNELS, T_NUMSUB = range(7)
 # Redis's strict integer syntax (string2ll): what it accepts as numkeys, we accept, nothing else.
 _STRICT_INT = re.compile(rb"-?(0|[1-9][0-9]{0,17})\Z")
 _GLOB = re.compile(rb"([*?\[\]\\])")
+SCRIPTS = frozenset(b"EVAL EVALSHA EVAL_RO EVALSHA_RO FCALL FCALL_RO".split())
 _KEYSPACE = b"__keyspace@"
 _KEYEVENT = b"__keyevent@"
 _PUBSUB_CHANNEL_KINDS = frozenset((b"subscribe", b"unsubscribe", b"ssubscribe", b"sunsubscribe", b"message",
@@ -88,6 +90,7 @@ class Forward:
     args: list[bytes]
     transform: int = T_NONE
     blocking: bool = False
+    script: bool = False  # the client's own script: runs as the org's ACL user, confined to the prefix
 
 
 @dataclass(slots=True)
@@ -162,7 +165,7 @@ class Namespace:
             if name in (b"XREAD", b"XREADGROUP"):
                 transform = T_XREAD
                 blocking = any(a.upper() == b"BLOCK" for a in args[1:out.index(b"STREAMS")])
-            return Forward(out, transform, blocking)
+            return Forward(out, transform, blocking, script=name in SCRIPTS)
         if name in KEYLESS:
             return Forward([name] + args[1:], blocking=name in BLOCKING)
         if name in REFUSED:

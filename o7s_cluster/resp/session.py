@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from o7s_cluster.resp import codec
 from o7s_cluster.resp.commands import SUBSCRIBE, UNSUBSCRIBE
-from o7s_cluster.resp.namespace import T_NONE, Answer, Forward, Namespace, refuse
+from o7s_cluster.resp.namespace import SCRIPTS, T_NONE, Answer, Forward, Namespace, refuse
 
 PREAUTH_COMMANDS = frozenset((b"AUTH", b"HELLO", b"PING", b"QUIT"))
 _SUB_KIND = {b"SUBSCRIBE": "c", b"UNSUBSCRIBE": "c", b"PSUBSCRIBE": "p", b"PUNSUBSCRIBE": "p",
@@ -53,6 +53,7 @@ class Send:
     finish: int = F_NONE
     queued: list[int] = field(default_factory=list)  # EXEC: the transforms of the queued commands
     blocking: bool = False
+    script: bool = False
 
 
 @dataclass(slots=True)
@@ -124,9 +125,13 @@ class RespSession:
             return self._client(args)
         if name == b"INFO":
             return Answer(codec.bulk(self._info()))
-        if name in (b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL", b"FCALL_RO") and not self.scripts:
+        if name in SCRIPTS and not self.scripts:
             return self._refused_in_multi(refuse(name, "scripts need the per-org ACL user, which this Redis"
                                                         " backend could not create"))
+        if name in SCRIPTS and self.pinned:
+            return self._refused_in_multi(refuse(name, "scripts run on the org's confined backend connections,"
+                                                        " not inside MULTI/WATCH or after subscribing (RESET first,"
+                                                        " or use another connection)"))
         assert self.ns is not None
         step = self.ns.rewrite(args)
         if isinstance(step, Answer):
@@ -139,7 +144,7 @@ class RespSession:
         return a
 
     def _send(self, name: bytes, fwd: Forward) -> Send:
-        send = Send(fwd.args, fwd.transform, blocking=fwd.blocking)
+        send = Send(fwd.args, fwd.transform, blocking=fwd.blocking, script=fwd.script)
         if name in SUBSCRIBE or name in UNSUBSCRIBE:
             kind = _SUB_KIND[name]
             subs = self.subs[kind]

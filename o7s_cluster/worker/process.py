@@ -15,9 +15,10 @@ import trio
 
 from o7s_cluster import logs
 from o7s_cluster.control_plane.catalog import TrioCatalog
-from o7s_cluster.config import Settings
+from o7s_cluster.config import Settings, parse_listen
 from o7s_cluster.limits.keys import worker_key
 from o7s_cluster.limits.service import Limits
+from o7s_cluster.net.resp_session import RespClient
 from o7s_cluster.net.session import ClientSession
 from o7s_cluster.usage.recorder import UsageRecorder
 from o7s_cluster.control_plane.vault import Vault
@@ -37,9 +38,9 @@ def _peer(sock: socket.socket) -> str:
         return "?"
 
 
-def _listen_socket(settings: Settings) -> socket.socket:
-    infos = socket.getaddrinfo(settings.listen_host, settings.listen_port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
+def _listen_socket(settings: Settings, address: tuple[str, int] | None = None) -> socket.socket:
+    host, port = address or (settings.listen_host, settings.listen_port)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]
     sock = socket.socket(family, type_, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -57,6 +58,7 @@ class Worker:
         self.run_dir = run_dir
         self.router = Router(index, run_dir)
         self.accepting = trio.CancelScope()
+        self.accepting_redis = trio.CancelScope()
         self.server: Server | None = None
         self.retiring = False
         self.stopping = trio.Event()
@@ -69,6 +71,7 @@ class Worker:
         limits.on_invalidate(catalog.invalidate)
         usage = UsageRecorder(settings, worker=worker_id)
         listen_sock = _listen_socket(settings)
+        redis_sock = _listen_socket(settings, parse_listen(settings.redis_listen)) if settings.redis_listen else None
         await self.router.bind()
         try:
             async with trio.open_nursery() as nursery:
@@ -84,6 +87,9 @@ class Worker:
                     nursery.start_soon(bus.run)
                 nursery.start_soon(server.pools.run_reaper)
                 nursery.start_soon(server.jwks.run)  # JWT keys: read in the background, never per login
+                if redis_sock is not None:
+                    nursery.start_soon(server.redis_pools.run_reaper)
+                    nursery.start_soon(self._accept_redis, redis_sock, server)
                 nursery.start_soon(self.router.receive, server, self._serve_handed)
                 nursery.start_soon(self._signals)
                 control = await trio.open_unix_socket(supervisor_socket_path(self.run_dir))
@@ -102,6 +108,7 @@ class Worker:
             with trio.CancelScope(shield=True):
                 if self.server is not None:
                     await self.server.pools.close()
+                    await self.server.redis_pools.close()
             catalog.close()
             try:
                 os.unlink(worker_socket_path(self.run_dir, self.index))
@@ -127,6 +134,31 @@ class Worker:
             server.nursery.start_soon(server.run_session, ClientSession(server, sock, _peer(sock)))
             await trio.lowlevel.checkpoint()
 
+    async def _accept_redis(self, sock: socket.socket, server: Server) -> None:
+        """Redis clients (--redis-listen): served by the worker that accepts them (the org is known only
+        after AUTH, so there is no hand-off); TLS only when a certificate is configured."""
+        with self.accepting_redis:
+            while True:
+                try:
+                    conn, _addr = sock.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_PAUSE_ERRORS:
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = _peer(conn)
+                stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+                if server.tls_context is not None:
+                    stream = trio.SSLStream(stream, server.tls_context, server_side=True)
+                server.nursery.start_soon(server.run_session, RespClient(server, stream, peer))
+                await trio.lowlevel.checkpoint()
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
     def _serve_handed(self, sock: socket.socket, preread: bytes, tls_pending: bool) -> None:
         """A connection another worker handed to this one, its org's home."""
         assert self.server is not None
@@ -149,6 +181,7 @@ class Worker:
 
     def stop(self) -> None:
         self.accepting.cancel()
+        self.accepting_redis.cancel()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:

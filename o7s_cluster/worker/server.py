@@ -19,6 +19,7 @@ from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.limits.logins import policy_from
 from o7s_cluster.net.budget import InputBudget, PreAuthBudget
 from o7s_cluster.net.pool import Pool, PoolManager, PoolSettings
+from o7s_cluster.net.resp_backend import RedisPools
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.pgwire.scram import tls_server_end_point
@@ -69,6 +70,8 @@ class Server:
             acquire_timeout=settings.pool_timeout,
             idle_timeout=settings.server_idle_timeout,
         ))
+        self.redis_pools = RedisPools(secret_key=settings.secret_key, connect_timeout=settings.server_connect_timeout,
+                                      acquire_timeout=settings.pool_timeout, idle_timeout=settings.server_idle_timeout)
         self.tls_context = _tls_context(settings)
         self.tls_end_point = _tls_end_point(settings)  # SCRAM-SHA-256-PLUS binds to this certificate
         # Keys the mock SCRAM exchange for unknown orgs; random per process is enough.
