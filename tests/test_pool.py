@@ -18,22 +18,13 @@ def target(pg_server):
 
 
 async def _pid(conn) -> int:
-    await conn.send(b"Q\x00\x00\x00\x22select pg_backend_pid()::text\x00")
-    pid = None
-    while True:
-        msg = conn.reader.next()
-        if msg is None:
-            await conn.receive_messages()
-            continue
-        t, s, e = msg
-        if t == ord("D"):
-            pid = int(bytes(conn.reader.buf[s + 11:e]))
-        if t == ord("Z"):
-            return pid
+    tag = await conn.query_until_ready("select 1 from pg_stat_activity where pid = pg_backend_pid()")
+    assert tag == "SELECT 1"
+    return conn.pid
 
 
-async def test_pool_is_bounded_and_fifo(target):
-    pool = Pool("pooltest_db", target, 2, PoolSettings(acquire_timeout=5))
+async def test_pool_is_bounded_and_fifo(target, nursery):
+    pool = Pool("pooltest_db", target, 2, PoolSettings(acquire_timeout=5), nursery=nursery)
     a = await pool.acquire()
     b = await pool.acquire()
     assert pool.in_use == 2
@@ -57,8 +48,8 @@ async def test_pool_is_bounded_and_fifo(target):
     await pool.close()
 
 
-async def test_pool_timeout_names_the_database_not_the_dsn(target):
-    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=0.3))
+async def test_pool_timeout_names_the_database_not_the_dsn(target, nursery):
+    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=0.3), nursery=nursery)
     conn = await pool.acquire()
     with pytest.raises(PoolTimeout) as info:
         await pool.acquire()
@@ -69,8 +60,8 @@ async def test_pool_timeout_names_the_database_not_the_dsn(target):
     await pool.close()
 
 
-async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_server):
-    pool = Pool("pooltest_db", target, 1, PoolSettings())
+async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_server, nursery):
+    pool = Pool("pooltest_db", target, 1, PoolSettings(), nursery=nursery)
     conn = await pool.acquire()
     old_pid = await _pid(conn)
     pool.release(conn)
@@ -84,17 +75,17 @@ async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_serv
     await pool.close()
 
 
-async def test_failed_connect_gives_the_slot_back(target):
+async def test_failed_connect_gives_the_slot_back(target, nursery):
     bad = parse_dsn("postgresql://pooltest_owner:pool-pw@127.0.0.1:1/pooltest_db")
-    pool = Pool("pooltest_db", bad, 1, PoolSettings(connect_timeout=2))
+    pool = Pool("pooltest_db", bad, 1, PoolSettings(connect_timeout=2), nursery=nursery)
     for _ in range(3):
         with pytest.raises(BackendError, match="connection refused"):
             await pool.acquire()
     assert pool.in_use == 0 and pool.waiting == 0
 
 
-async def test_idle_connections_are_reaped(target):
-    pool = Pool("pooltest_db", target, 2, PoolSettings(idle_timeout=0.1))
+async def test_idle_connections_are_reaped(target, nursery):
+    pool = Pool("pooltest_db", target, 2, PoolSettings(idle_timeout=0.1), nursery=nursery)
     a, b = await pool.acquire(), await pool.acquire()
     pool.release(a)
     pool.release(b)
@@ -102,3 +93,41 @@ async def test_idle_connections_are_reaped(target):
     await trio.sleep(0.2)
     await pool.reap()
     assert pool.idle == 0
+
+
+async def test_discarded_connection_frees_its_slot_for_a_waiter(target, nursery):
+    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=5), nursery=nursery)
+    conn = await pool.acquire()
+    got: list[int] = []
+
+    async def waiter() -> None:
+        c = await pool.acquire()
+        got.append(await _pid(c))
+        pool.release(c)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(waiter)
+        await trio.sleep(0.05)
+        assert pool.waiting == 1
+        old = conn.pid
+        await pool.discard(conn)
+    assert got and got[0] != old and pool.opened_total == 2 and pool.in_use == 0
+    await pool.close()
+
+
+async def test_pump_feeds_housekeeping_and_sees_the_server_go(target, pg_server, nursery):
+    pool = Pool("pooltest_db", target, 1, PoolSettings(), nursery=nursery)
+    conn = await pool.acquire()
+    assert await conn.query_until_ready("set application_name = 'pumped'") == "SET"
+    assert conn.params["application_name"] == "pumped"
+    with pytest.raises(BackendError, match="42601"):
+        await conn.query_until_ready("selec 1")
+    assert await conn.query_until_ready("select 1") == "SELECT 1"  # still usable after an error
+    with psycopg.connect(admin_dsn(pg_server), autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", (conn.pid,))
+    with trio.fail_after(5):
+        while not conn.dead:
+            await trio.sleep(0.01)
+    with pytest.raises(BackendError, match="closed"):
+        await conn.query_until_ready("select 1")
+    await pool.discard(conn)

@@ -7,6 +7,7 @@ import socket
 import ssl
 import struct
 import time
+from typing import Protocol
 
 import trio
 
@@ -42,12 +43,24 @@ def _os_reason(exc: OSError) -> str:
     return "network error"
 
 
+class BackendSink(Protocol):
+    """Whoever the bytes a backend sends go to: the session it is attached to, or a housekeeping query."""
+
+    async def backend_data(self, data: memoryview | bytes) -> None:
+        """Take what the server sent (b'' when it closed); called by the connection's pump only."""
+
+
 class BackendConn:
     """One authenticated server connection. `state` is what the session core knows of it; while a
-    cancel aimed at one of its queries may still land, `cancels` is non-zero and the pool holds it back."""
+    cancel aimed at one of its queries may still land, `cancels` is non-zero and the pool holds it back.
+
+    Once pooled, one long-lived task (`pump`) reads it for as long as it is open and hands what it reads
+    to `sink`, so that attaching the connection to a session wakes nobody: the same one task per socket
+    as a plain relay, whichever session the connection serves.
+    """
 
     __slots__ = ("stream", "raw", "tls", "channel", "reader", "state", "pid", "secret", "target",
-                 "created", "last_used", "cancels", "parked", "pool")
+                 "created", "last_used", "cancels", "parked", "pool", "sink", "dead")
 
     def __init__(self, stream: trio.abc.Stream, raw: socket.socket, tls: bool, target: BackendTarget) -> None:
         self.stream = stream
@@ -62,6 +75,8 @@ class BackendConn:
         self.cancels = 0
         self.parked = False  # given back while a cancel was in flight: the pool takes it when that lands
         self.pool: object = None
+        self.sink: BackendSink | None = None
+        self.dead = False  # the server closed it, or spoke while nobody was attached: never hand it out
         self.created = self.last_used = time.monotonic()
 
     @property
@@ -74,6 +89,8 @@ class BackendConn:
 
     def looks_alive(self) -> bool:
         """Cheap check, no round trip: an idle server connection has nothing to say unless it is gone."""
+        if self.dead:
+            return False
         try:
             data = self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -105,32 +122,88 @@ class BackendConn:
                 await trio.aclose_forcefully(self.stream)
             self.channel.close()
 
-    async def query_until_ready(self, sql: str, timeout: float = 5.0) -> str:
-        """Run a housekeeping statement; returns its last command tag. Raises BackendError on failure."""
-        await self.send(m.query(sql))
-        tag = ""
-        error: dict[str, str] | None = None
-        with trio.fail_after(timeout):
+    async def pump(self) -> None:
+        """Read the server for as long as the connection is open, for whichever sink is attached.
+
+        Bytes that arrive while nothing is attached mean the server is ending the connection (an idle
+        server only speaks to say so): the connection is marked dead and the pool drops it.
+        """
+        channel = self.channel
+        try:
             while True:
-                msg = self.reader.next()
-                if msg is None:
-                    await self.receive_messages()
-                    continue
-                t, s, e = msg
-                if t == 0x5A:  # ReadyForQuery
+                data = await channel.receive()
+                sink = self.sink
+                if sink is not None:
+                    await sink.backend_data(data)
+                elif data:
+                    self.dead = True
+                if not data:
                     break
-                if t == 0x43:
-                    tag = m.command_tag(self.reader.payload(s, e))
-                elif t == 0x53:
-                    k, v = m.parse_parameter_status(self.reader.payload(s, e))
-                    self.params[k] = v
-                elif t == 0x45:
-                    error = m.parse_error_fields(self.reader.payload(s, e))
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            sink = self.sink
+            if sink is not None:
+                await sink.backend_data(b"")
+        finally:
+            self.dead = True
+
+    async def query_until_ready(self, sql: str, timeout: float = 5.0) -> str:
+        """Run a housekeeping statement; returns its last command tag. Raises BackendError on failure.
+
+        Before the pump runs (start-up) it reads the socket itself; after, it takes the pump's bytes.
+        """
+        if self.dead:
+            raise BackendError("the database server closed the connection")
+        house = _Housekeeping(self)
+        self.sink = house
+        try:
+            await self.send(m.query(sql))
+            with trio.fail_after(timeout):
+                await house.done.wait()
+        finally:
+            self.sink = None
+        if house.closed:
+            raise BackendError("the database server closed the connection")
+        error = house.error
         if error is not None:
             raise BackendError(f"{error.get('C', '')} {error.get('M', '')}".strip(), error.get("C", CONNECTION_FAILURE))
-        if tag in ("DISCARD ALL", "DEALLOCATE ALL"):
+        if house.tag in ("DISCARD ALL", "DEALLOCATE ALL"):
             self.state.prepared.clear()
-        return tag
+        return house.tag
+
+
+class _Housekeeping:
+    """The sink of one housekeeping statement: its tag, error and parameter reports, until ReadyForQuery."""
+
+    __slots__ = ("conn", "done", "tag", "error", "closed")
+
+    def __init__(self, conn: BackendConn) -> None:
+        self.conn = conn
+        self.done = trio.Event()
+        self.tag = ""
+        self.error: dict[str, str] | None = None
+        self.closed = False
+
+    async def backend_data(self, data: memoryview | bytes) -> None:
+        if self.done.is_set():
+            return
+        if not data:
+            self.closed = True
+            self.done.set()
+            return
+        reader = self.conn.reader
+        reader.feed(bytes(data))
+        while (msg := reader.next()) is not None:
+            t, s, e = msg
+            if t == m.READY_FOR_QUERY:
+                self.done.set()
+                return
+            if t == m.COMMAND_COMPLETE:
+                self.tag = m.command_tag(reader.payload(s, e))
+            elif t == m.PARAMETER_STATUS:
+                k, v = m.parse_parameter_status(reader.payload(s, e))
+                self.conn.params[k] = v
+            elif t == m.ERROR_RESPONSE:
+                self.error = m.parse_error_fields(reader.payload(s, e))
 
 
 def _tls_context(sslmode: str) -> ssl.SSLContext:
@@ -229,7 +302,7 @@ async def _authenticate(conn: BackendConn) -> None:
             continue
         t, s, e = msg
         payload = reader.payload(s, e)
-        if t == 0x52:  # Authentication*
+        if t == m.AUTHENTICATION:
             if len(payload) < 4:
                 raise ProtocolViolation("short authentication message")
             (code,) = _I32.unpack_from(payload, 0)
@@ -258,25 +331,25 @@ async def _authenticate(conn: BackendConn) -> None:
             else:
                 raise BackendError(f"the database server asks for an unsupported authentication method ({code})",
                                    CANNOT_CONNECT_NOW)
-        elif t == 0x45:  # ErrorResponse
+        elif t == m.ERROR_RESPONSE:
             fields = m.parse_error_fields(payload)
             code = fields.get("C", "")
             if code.startswith("28"):
                 raise BackendError("the database server rejected the stored credentials", CANNOT_CONNECT_NOW)
             raise BackendError(f"the database server refused the connection: {fields.get('M', '')} ({code})",
                                code or CANNOT_CONNECT_NOW)
-        elif t == 0x53:
+        elif t == m.PARAMETER_STATUS:
             k, v = m.parse_parameter_status(payload)
             conn.params[k] = v
-        elif t == 0x4B and len(payload) == 8:
+        elif t == m.BACKEND_KEY_DATA and len(payload) == 8:
             conn.pid, conn.secret = struct.unpack("!ii", payload)
             conn.state.pid = conn.pid
-        elif t == 0x5A:
+        elif t == m.READY_FOR_QUERY:
             conn.state.settings.initial = dict(conn.params)
             return
-        elif t == 0x4E:  # NoticeResponse during start-up
+        elif t == m.NOTICE_RESPONSE:  # during start-up
             continue
-        elif t == 0x76:  # NegotiateProtocolVersion: we ask for nothing optional
+        elif t == m.NEGOTIATE_PROTOCOL_VERSION:  # we ask for nothing optional
             continue
         else:
             raise ProtocolViolation(f"unexpected message {chr(t)!r} during backend start-up")

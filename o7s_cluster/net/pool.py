@@ -7,6 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import outcome
 import trio
 
 from o7s_cluster.control_plane.dsn import BackendTarget
@@ -36,12 +37,14 @@ class PoolTimeout(BackendError):
 class Pool:
     """At most `size` server connections; a waiter gets one in FIFO order or a clear error in time.
 
-    A semaphore counts connections in use plus being opened; idle ones sit in a LIFO stack so the
-    busiest stay warm and the rest age out.
+    A connection given back goes straight to the oldest waiter (no semaphore, no liveness check: it
+    was just in use); with nobody waiting it joins a LIFO stack of idle ones, so the busiest stay warm
+    and the rest age out. Each connection's pump task runs in `nursery`.
     """
 
     def __init__(self, db_name: str, target: BackendTarget, size: int, settings: PoolSettings,
-                 startup_params: dict[str, str] | None = None, org_name: str = "", db_type: str = "postgres") -> None:
+                 startup_params: dict[str, str] | None = None, org_name: str = "", db_type: str = "postgres",
+                 *, nursery: trio.Nursery) -> None:
         self.org_name = org_name
         self.db_type = db_type
         self.db_name = db_name
@@ -49,10 +52,10 @@ class Pool:
         self.size = size
         self.settings = settings
         self.startup_params = startup_params or {}
-        self._slots = trio.Semaphore(size)
+        self._nursery = nursery
         self._idle: deque[BackendConn] = deque()
-        self.in_use = 0
-        self.waiting = 0
+        self._waiters: deque[trio.lowlevel.Task] = deque()
+        self.in_use = 0  # given out, parked or being opened
         self._dead: list[BackendConn] = []  # closed by the reaper
         self.opened_total = 0
         # What a fresh server connection reports at start-up (server_version, encodings...): enough to
@@ -60,47 +63,71 @@ class Pool:
         self.server_params: dict[str, str] | None = None
         self.statements = PoolStatements()  # which server-side statements this pool's clients name
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def would_wait(self) -> bool:
-        return self._slots.value == 0
+        return not self._idle and self.in_use >= self.size
 
     def try_acquire(self) -> BackendConn | None:
         """An idle connection now, without yielding, or None (then `acquire` waits or opens one)."""
-        while self._idle and self._slots.value > 0:
-            conn = self._idle.pop()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
             if conn.looks_alive():
-                self._slots.acquire_nowait()
                 self.in_use += 1
                 return conn
             self._dead.append(conn)  # closed by the reaper, off the hot path
         return None
 
     async def acquire(self) -> BackendConn:
-        self.waiting += 1
         start = time.monotonic()
-        try:
+        conn = self.try_acquire()
+        if conn is not None:
+            return conn
+        if self.in_use >= self.size or self._waiters:
             with trio.move_on_after(self.settings.acquire_timeout) as scope:
-                await self._slots.acquire()
+                conn = await self._wait()
             if scope.cancelled_caught:
                 raise PoolTimeout(self.db_name, self.settings.acquire_timeout, self.size)
-        finally:
-            self.waiting -= 1
+            if conn is not None:
+                return conn
+            # A slot came free (a connection was closed): open one in it.
+        else:
+            self.in_use += 1
+        return await self._open(start)
+
+    async def _wait(self) -> BackendConn | None:
+        """Queue for a hand-off: a connection, or None for a free slot (counted as ours already)."""
+        task = trio.lowlevel.current_task()
+        self._waiters.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _open(self, start: float) -> BackendConn:
+        """Open a connection in a slot already counted in `in_use`; the slot is given on if that fails."""
         try:
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.looks_alive():
-                    self.in_use += 1
-                    return conn
-                await conn.aclose()
             remaining = max(0.5, self.settings.connect_timeout - (time.monotonic() - start))
             conn = await backend.connect(self.target, timeout=remaining, extra_params=self.startup_params)
-            if self.server_params is None:
-                self.server_params = dict(conn.initial_params)
-            self.opened_total += 1
-            self.in_use += 1
-            return conn
         except BaseException:
-            self._slots.release()
+            self._free_slot()
             raise
+        self._nursery.start_soon(conn.pump)
+        if self.server_params is None:
+            self.server_params = dict(conn.initial_params)
+        self.opened_total += 1
+        return conn
+
+    def _free_slot(self) -> None:
+        if self._waiters:
+            trio.lowlevel.reschedule(self._waiters.popleft(), outcome.Value(None))
+        else:
+            self.in_use -= 1
 
     def release(self, conn: BackendConn) -> None:
         """Give back a clean, idle connection (the caller has made sure it is).
@@ -108,13 +135,20 @@ class Pool:
         While a cancel aimed at its last client's query may still land, nobody else gets it: it is
         parked until `cancel_landed`.
         """
+        conn.sink = None
         if conn.cancels:
             conn.parked = True
+            return
+        if conn.dead:
+            self._dead.append(conn)
+            self._free_slot()
+            return
+        if self._waiters:
+            trio.lowlevel.reschedule(self._waiters.popleft(), outcome.Value(conn))
             return
         self.in_use -= 1
         conn.last_used = time.monotonic()
         self._idle.append(conn)
-        self._slots.release()
 
     def cancel_landed(self, conn: BackendConn) -> None:
         conn.cancels -= 1
@@ -124,8 +158,9 @@ class Pool:
 
     async def discard(self, conn: BackendConn) -> None:
         """Close a connection that must not be reused (dirty, broken, or mid-query)."""
-        self.in_use -= 1
-        self._slots.release()
+        conn.sink = None
+        conn.dead = True
+        self._free_slot()
         await conn.aclose()
 
     async def reap(self) -> None:

@@ -1,9 +1,11 @@
-"""One client session in a worker: login, then two long-lived tasks that move bytes.
+"""One client session in a worker: login, then one long-lived task per socket that moves bytes.
 
-The client task reads the client, feeds the session core and applies what it asks (attach a
-backend, wait for a token); the backend task reads whichever backend is attached, feeds the core,
-and gives the backend back when the core says it is free. No task is started per transaction, and
-every decision about the bytes is the core's (`o7s_cluster.proxy.session`).
+The session's task reads the client, feeds the session core and applies what it asks (attach a
+backend, wait for a token). What a backend sends is read by that connection's own pump task
+(`BackendConn.pump`), which hands it to the session attached (`backend_data`): the session feeds the
+core and gives the backend back when the core says it is free. So attaching a backend wakes nobody,
+no task is started per transaction, and every decision about the bytes is the core's
+(`o7s_cluster.proxy.session`).
 """
 
 from __future__ import annotations
@@ -39,21 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("o7s.session")
 _NOBODY = OrgMetrics("_unauthenticated", "none")
 HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing more waits
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error that ended a session's nursery (its two tasks fail for one cause)."""
-    leaves: list[BaseException] = []
-
-    def walk(g: BaseExceptionGroup) -> None:
-        for exc in g.exceptions:
-            walk(exc) if isinstance(exc, BaseExceptionGroup) else leaves.append(exc)
-
-    walk(group)
-    for exc in leaves:
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return group
 
 
 class _Outbox:
@@ -105,7 +92,8 @@ class ClientSession:
         self.bucket: Bucket | None = None
         self.ticket: Ticket | None = None
         self._attached_at = 0.0
-        self._attach_lot = trio.lowlevel.ParkingLot()
+        self._serve_scope = trio.CancelScope()
+        self._failure: BaseException | None = None  # what ended the session in a backend's pump
         self._to_client = _Outbox()
         self._to_backend = _Outbox()
 
@@ -229,6 +217,7 @@ class ClientSession:
         self.server.input_budget.forget(self)
         conn, self.conn = self.conn, None
         if conn is not None and self.pool is not None:
+            conn.sink = None
             self.metrics.backend_connections -= 1
             await self._give_back(conn, self.pool)
         if self.logged_in:
@@ -244,7 +233,7 @@ class ClientSession:
     async def _give_back(self, conn: BackendConn, pool: Pool) -> None:
         """Return a connection at the end of a session: only clean and idle, else it is closed."""
         core = self.core
-        if core is not None and core.idle() and conn.reader.pending() == 0:
+        if core is not None and core.idle() and not conn.dead:
             if not core.transaction_mode or core.pinned:
                 try:
                     await conn.query_until_ready("DISCARD ALL")
@@ -270,13 +259,10 @@ class ClientSession:
     # --- serving -------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._backend_loop)
-                await self._client_loop()
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+        with self._serve_scope:
+            await self._client_loop()
+        if self._failure is not None:
+            raise self._failure
 
     async def _client_loop(self) -> None:
         core = self.core
@@ -311,15 +297,18 @@ class ClientSession:
             if core.to_client:
                 await self._flush_client()
 
-    async def _backend_loop(self) -> None:
+    async def backend_data(self, data: memoryview | bytes) -> None:
+        """What the attached backend sent (b'' when it closed), from its pump task.
+
+        A failure here ends the session (as if its own task had raised), never the pump. A backend the
+        core is done with leaves the core at once, so that nothing the client sends meanwhile can reach
+        it, and goes back to the pool once this answer is on its way to the client: a slow client holds
+        up only its own backend, never another session's.
+        """
         core = self.core
-        assert core is not None
-        while True:
-            conn = self.conn
-            if conn is None:
-                await self._attach_lot.park()
-                continue
-            data = await conn.channel.receive()
+        if core is None:
+            return
+        try:
             if not data:
                 if core.backend_fatal:
                     # The server said why (e.g. 57P01 terminating connection): the client hears it as directly.
@@ -330,11 +319,23 @@ class ClientSession:
             if core.to_backend:
                 await self._flush_backend()
             if verdict == RELEASE:
-                self._release()
-            if core.to_client:
+                conn = self._detach()
+                try:
+                    if core.to_client:
+                        await self._flush_client()
+                finally:
+                    assert self.pool is not None
+                    self.pool.release(conn)
+            elif core.to_client:
                 await self._flush_client()
             if self.draining and core.idle() and not core.pinned:
                 self.scope.cancel()
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            if self._failure is None:
+                self._failure = exc
+            self._serve_scope.cancel()
 
     async def _flush_client(self) -> None:
         assert self.core is not None
@@ -352,20 +353,21 @@ class ClientSession:
 
     def _attach_conn(self, conn: BackendConn) -> None:
         self.conn = conn
+        conn.sink = self
         self._attached_at = time.perf_counter()
         if self.core is not None:
             self.core.attached(conn.state)
             self.metrics.backend_connections += 1
-        self._attach_lot.unpark()
 
-    def _release(self) -> None:
+    def _detach(self) -> BackendConn:
+        """The backend leaves the core (the caller gives it back to the pool)."""
         conn, self.conn = self.conn, None
-        assert conn is not None and self.pool is not None and self.core is not None
+        assert conn is not None and self.core is not None
         self.core.detach()
         self.metrics.backend_connections -= 1
         if self.usage is not None:
             self.usage.backend_seconds += time.perf_counter() - self._attached_at
-        self.pool.release(conn)
+        return conn
 
     async def _attach(self) -> None:
         """A backend for the message at the front, with the client's settings; or the error instead."""

@@ -10,6 +10,16 @@ from o7s_cluster.pgwire.framing import CANCEL_REQUEST_CODE, PROTOCOL_3_0, SSL_RE
 _I32 = struct.Struct("!i")
 _H = struct.Struct("!h")
 
+# Backend message types O7s reads itself (as the int a message's first byte is).
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+COMMAND_COMPLETE = ord("C")
+ERROR_RESPONSE = ord("E")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NOTICE_RESPONSE = ord("N")
+PARAMETER_STATUS = ord("S")
+READY_FOR_QUERY = ord("Z")
+
 
 def _msg(mtype: bytes, payload: bytes) -> bytes:
     return mtype + _I32.pack(len(payload) + 4) + payload

@@ -13,6 +13,7 @@ the session back once the client is outside a transaction block, in one hidden q
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 
@@ -80,8 +81,21 @@ _NOT_A_CALL_AFTER = frozenset(w.encode() for w in
                               "into table references on index type function procedure view exists returns".split())
 
 
+SCAN_CACHE_SIZE = 4096    # distinct statement texts whose scan is remembered (per worker)
+SCAN_CACHE_MAX_TEXT = 4096  # longer texts are scanned every time, never kept
+
+
 def may_change_state(sql: bytes | bytearray) -> bool:
-    """True when a statement's text may leave session state behind (false positives cost one read-back)."""
+    """True when a statement's text may leave session state behind (false positives cost one read-back).
+
+    Applications send the same few texts over and over: short ones are scanned once.
+    """
+    if len(sql) > SCAN_CACHE_MAX_TEXT:
+        return _scan(sql)
+    return _scan_cached(bytes(sql))
+
+
+def _scan(sql: bytes | bytearray) -> bool:
     if _STATEFUL_START.search(sql) or _TEMP.search(sql):
         return True
     if b"(" not in sql:
@@ -97,6 +111,9 @@ def may_change_state(sql: bytes | bytearray) -> bool:
             continue
         return True
     return False
+
+
+_scan_cached = functools.lru_cache(maxsize=SCAN_CACHE_SIZE)(_scan)
 
 
 def custom_names(sql: bytes | bytearray) -> list[str]:

@@ -186,7 +186,7 @@ class Server:
         limits = login.limits
         tier_settings = {"statement_timeout": str(limits.statement_timeout_ms), "work_mem": limits.work_mem}
         return self.pools.add(key, Pool(db_name, target, limits.pool_size, self.pools.settings, tier_settings,
-                                        org_name=login.name, db_type=db_type))
+                                        org_name=login.name, db_type=db_type, nursery=self.nursery))
 
 
 def _jwks_sources(settings: Settings) -> list[str]:
