@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 import struct
@@ -21,6 +22,7 @@ from o7s_cluster.pgwire.scram import ScramClient, ScramError, md5_password
 
 # Backends are trusted more than clients, but a length is still capped: PostgreSQL's own 1 GiB.
 MAX_BACKEND_MESSAGE = 1 << 30
+log = logging.getLogger("o7s.backend")
 _I32 = struct.Struct("!i")
 
 
@@ -143,6 +145,9 @@ class BackendConn:
             sink = self.sink
             if sink is not None:
                 await sink.backend_data(b"")
+        except Exception:
+            # A bug must cost this connection, never the worker whose nursery the pump runs in.
+            log.exception("backend connection pump failed")
         finally:
             self.dead = True
 
@@ -191,7 +196,14 @@ class _Housekeeping:
             self.done.set()
             return
         reader = self.conn.reader
-        reader.feed(bytes(data))
+        try:
+            reader.feed(bytes(data))
+            self._read(reader)
+        except ProtocolViolation:
+            self.closed = True
+            self.done.set()
+
+    def _read(self, reader: MessageReader) -> None:
         while (msg := reader.next()) is not None:
             t, s, e = msg
             if t == m.READY_FOR_QUERY:
