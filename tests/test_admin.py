@@ -78,11 +78,11 @@ class InProcessCluster:
 def view() -> InProcessCluster:
     v = InProcessCluster(2)
     acme = v.metrics[0].org("acme", "pro")
+    for _ in range(40):
+        acme.query_done(0.004, 0, True)
     acme.client_connections, acme.backend_connections = 3, 1
     acme.queries, acme.errors, acme.throttled, acme.refused = 40, 2, 5, 1
     acme.bytes_in, acme.bytes_out = 1234, 56789
-    for _ in range(40):
-        acme.observe_latency(0.004)
     acme.handoffs_in = 3
     v.metrics[1].handoffs_out = 3
     v.metrics[0].pool_state = lambda: {"acme": {"pool_in_use": 1, "pool_idle": 4, "pool_waiting": 0}}

@@ -15,11 +15,11 @@ from o7s_cluster.admin.metrics import (
     OTHER,
     CounterCarry,
     LabelBudget,
-    OrgMetrics,
     WorkerMetrics,
     aggregate,
     render_prometheus,
 )
+from o7s_cluster.usage.counters import OrgCounters
 
 
 def parse(text: bytes) -> dict[str, dict[tuple, float]]:
@@ -36,12 +36,12 @@ def lbl(**kw: str) -> tuple:
 
 
 def test_histogram_buckets_boundaries_and_overflow() -> None:
-    m = OrgMetrics("acme", "pro")
-    m.observe_latency(0.0)  # first bucket
-    m.observe_latency(0.001)  # exactly a bound: counted in le="0.001" (Prometheus buckets are <=)
-    m.observe_latency(0.0010001)  # just above: the next bucket
-    m.observe_latency(10.0)  # the last finite bound
-    m.observe_latency(99.0)  # above every bound: +Inf
+    m = OrgCounters("acme", "pro")
+    m.query_done(0.0, 0, True)  # first bucket
+    m.query_done(0.001, 0, True)  # exactly a bound: counted in le="0.001" (Prometheus buckets are <=)
+    m.query_done(0.0010001, 0, True)  # just above: the next bucket
+    m.query_done(10.0, 0, True)  # the last finite bound
+    m.query_done(99.0, 0, True)  # above every bound: +Inf
     i_1ms = LATENCY_BUCKETS.index(0.001)
     assert m.latency_counts[0] == 1
     assert m.latency_counts[i_1ms] == 1
@@ -49,7 +49,7 @@ def test_histogram_buckets_boundaries_and_overflow() -> None:
     assert m.latency_counts[len(LATENCY_BUCKETS) - 1] == 1
     assert m.latency_counts[len(LATENCY_BUCKETS)] == 1
     assert sum(m.latency_counts) == 5
-    assert m.latency_sum == pytest.approx(0.001 + 0.0010001 + 10.0 + 99.0)
+    assert m.query_seconds == pytest.approx(0.001 + 0.0010001 + 10.0 + 99.0)
     assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
     assert LATENCY_BUCKETS[0] == 0.00025 and LATENCY_BUCKETS[-1] == 10.0
 
@@ -63,15 +63,14 @@ def test_hot_path_has_fixed_shape_and_does_not_grow() -> None:
     try:
         before = tracemalloc.take_snapshot()
         for i in range(50_000):
-            m.queries += 1
             m.bytes_in += 100
             m.bytes_out += 2000
-            m.observe_latency((i % 1000) / 100_000)
+            m.query_done((i % 1000) / 100_000, i % 3, i % 7 != 0)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
     grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0 and
-                s.traceback[0].filename.endswith("o7s_cluster/admin/metrics.py"))
+                s.traceback[0].filename.endswith(("o7s_cluster/admin/metrics.py", "o7s_cluster/usage/counters.py")))
     assert grown < 1024, f"the hot path retained {grown} bytes"
     assert m.queries == 50_000 and sum(m.latency_counts) == 50_000
 
@@ -92,10 +91,10 @@ def test_org_cache_and_tier_change() -> None:
 def test_snapshot_is_complete_and_json_able() -> None:
     w = WorkerMetrics(1, 999)
     m = w.org("acme", "pro")
+    m.query_done(0.002, 0, True)
     m.client_connections, m.backend_connections = 3, 1
     m.queries, m.errors, m.throttled, m.refused = 10, 1, 2, 3
     m.bytes_in, m.bytes_out, m.pool_waits, m.pool_wait_seconds, m.handoffs_in = 100, 2000, 4, 0.5, 6
-    m.observe_latency(0.002)
     w.handoffs_out, w.cancels_forwarded, w.sessions_total, w.auth_failures, w.protocol_errors = 1, 2, 3, 4, 5
     w.limits_degraded, w.usage_spool_bytes, w.usage_shipping_lag_seconds = 1, 4096, 2.5
     w.pool_state = lambda: {"acme": {"pool_in_use": 1, "pool_idle": 2, "pool_waiting": 0}}
@@ -107,7 +106,7 @@ def test_snapshot_is_complete_and_json_able() -> None:
     assert (snap["limits_degraded"], snap["usage_spool_bytes"], snap["usage_shipping_lag_seconds"]) == (1, 4096, 2.5)
     (o,) = snap["orgs"]
     assert o == {
-        "org": "acme", "tier": "pro", "client_connections": 3, "backend_connections": 1,
+        "org": "acme", "tier": "pro", "db_type": "postgres", "client_connections": 3, "backend_connections": 1,
         "queries": 10, "errors": 1, "throttled": 2, "refused": 3, "bytes_in": 100, "bytes_out": 2000,
         "pool_waits": 4, "pool_wait_seconds": 0.5, "handoffs_in": 6,
         "latency_counts": o["latency_counts"], "latency_sum": 0.002,
@@ -123,9 +122,9 @@ def _workers() -> list[WorkerMetrics]:
     ws = [WorkerMetrics(i, 100 + i) for i in range(3)]
     for i, w in enumerate(ws):
         a = w.org("acme", "pro")
-        a.queries, a.client_connections, a.bytes_out = 10 * (i + 1), i, 1000
         for _ in range(i + 1):
-            a.observe_latency(0.003)
+            a.query_done(0.003, 0, True)
+        a.queries, a.client_connections, a.bytes_out = 10 * (i + 1), i, 1000
         g = w.org("globex", "free")
         g.queries, g.errors, g.refused = 1, 1, i
         w.handoffs_out, w.cancels_forwarded = i, 1

@@ -18,7 +18,7 @@ from conftest import admin_dsn
 from o7s_cluster.control_plane.migrate import migrate
 from o7s_cluster.config import Settings
 from o7s_cluster.usage.sinks.postgres import PostgresSink
-from o7s_cluster.usage.counters import UsageCounters
+from o7s_cluster.usage.counters import USAGE_FIELDS, OrgCounters
 from o7s_cluster.usage.records import HEAVY_ROWS, UsageRecord, estimate
 from o7s_cluster.usage.recorder import UsageRecorder
 from o7s_cluster.usage.spool import decode_frames, encode_frame
@@ -65,7 +65,7 @@ def recorder(tmp_path: Path, sinks=None, **kw) -> UsageRecorder:
 
 
 def test_counters_hot_path():
-    c = UsageCounters("o1", "acme", "postgres", "pro")
+    c = OrgCounters("acme", "pro", "postgres", "o1")
     c.connection_opened()
     c.connection_opened()
     c.connection_closed()
@@ -75,13 +75,36 @@ def test_counters_hot_path():
     c.bytes_out += 2000
     c.backend_seconds += 0.8
     c.throttled += 1
-    assert (c.queries, c.errors, c.rows, c.connections, c.peak_connections) == (2, 1, 1011, 1, 2)
+    assert (c.queries, c.errors, c.rows, c.client_connections, c.peak_connections) == (2, 1, 1011, 1, 2)
     assert c.query_seconds == 0.75 and c.heavy_seconds == 0.25
-    snap = c._take()
-    assert snap == (2, 1, 1, 0, 100, 2000, 1011, 0.75, 0.8, 0.25, 2, 0)
-    # reset, but the open connection stays and is the next window's starting peak
-    assert c.queries == 0 and c.connections == 1 and c.peak_connections == 1
+    assert c.usage_values() == (2, 1, 1, 0, 100, 2000, 1011, 0.75, 0.8, 0.25, 0)
+    assert len(c.usage_values()) == len(USAGE_FIELDS)
+    assert [getattr(c, f) for f in USAGE_FIELDS] == list(c.usage_values())
+    # the peak is read once per window; the open connection is the next window's starting peak
+    assert c.take_peak() == 2 and c.peak_connections == 1 and c.take_peak() == 1
+    assert c.queries == 2  # cumulative: reading never resets what metrics show
     assert not hasattr(c, "__dict__")  # __slots__: no per-object dict on the hot path
+
+
+def test_metrics_and_usage_read_the_same_counters(tmp_path):
+    """One event, one write: what a dashboard shows and what a bill counts cannot disagree."""
+    from o7s_cluster.admin.metrics import WorkerMetrics, aggregate
+
+    rec = recorder(tmp_path)
+    metrics = WorkerMetrics(0, 1, book=rec.book)
+    c = metrics.org("acme", "pro", "postgres", "o1")
+    assert rec.counters("o1", "acme", "postgres", tier="pro") is c
+    for i in range(7):
+        c.query_done(0.001, 1, i != 3)
+    c.refused += 2
+    (r1,) = rec._close_window()
+    for _ in range(3):
+        c.query_done(0.001, 1, True)
+    (r2,) = rec._close_window()
+    (o,) = aggregate([metrics.snapshot()])["orgs"]
+    assert (r1.queries, r1.errors, r1.refused) == (7, 1, 2) and (r2.queries, r2.errors, r2.refused) == (3, 0, 0)
+    assert (o["queries"], o["errors"], o["refused"]) == (r1.queries + r2.queries, 1, 2)
+    assert rec._close_window() == []  # nothing new: no record
 
 
 def test_rows_from_command_tags():
@@ -112,7 +135,7 @@ async def test_window_records(tmp_path):
     rec = recorder(tmp_path)
     a = rec.counters("11111111-1111-1111-1111-111111111111", "acme", "postgres", tier="pro")
     b = rec.counters("22222222-2222-2222-2222-222222222222", "beta", "neon", tier="free")
-    assert rec.counters("11111111-1111-1111-1111-111111111111", "acme", "postgres") is a  # cached
+    assert rec.counters("11111111-1111-1111-1111-111111111111", "acme", "postgres", tier="pro") is a  # cached
     idle = rec.counters("33333333-3333-3333-3333-333333333333", "idle", "postgres")
     for _ in range(5):
         a.query_done(0.01, 3, True)
@@ -500,7 +523,7 @@ def test_window_close_snapshot_then_build(tmp_path):
     for i in range(10_000):
         rec.counters(f"id{i}", f"org{i}", "postgres").query_done(0.001, 1, True)
     snap = rec._snapshot()
-    assert len(snap[3]) == 10_000 and all(c.queries == 0 for c in rec._counters.values())
+    assert len(snap[3]) == 10_000 and all(rec._last[c] == c.usage_values() for c in rec.book)
     records = rec._build(snap)
     assert len(records) == len({r.id for r in records}) == 10_000
 

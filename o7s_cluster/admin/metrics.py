@@ -1,15 +1,14 @@
 """Metrics: per-worker counters on the hot path, aggregated and rendered as Prometheus text by the supervisor.
 
 Hot path (a worker)
-    A session calls ``WorkerMetrics.org(org, tier)`` once, after authentication, keeps the ``OrgMetrics`` it
-    gets and only adds to its plain int/float attributes (``m.queries += 1``) and calls
-    ``m.observe_latency(seconds)``. There are no locks (a worker is one trio thread) and nothing is allocated
-    per query: the attributes live in ``__slots__``, the histogram is a preallocated list of ints indexed by
-    ``bisect`` over a constant tuple of bucket bounds.
+    A session calls ``WorkerMetrics.org(org, tier)`` once, after authentication, keeps the ``OrgCounters``
+    (usage/counters.py) it gets and only adds to its plain attributes. The usage recorder reads the same
+    objects (the worker's ``CounterBook``), so metrics and usage records cannot disagree. There are no locks
+    (a worker is one trio thread) and nothing is allocated per query.
 
     Gauges (``client_connections``, ``backend_connections``) must be decremented on the *same* object they
-    were incremented on, so a session holds its ``OrgMetrics`` for its whole life. A tier change gives a new
-    ``OrgMetrics`` for the new (org, tier) pair; the old one keeps its counters (labelled with the old tier)
+    were incremented on, so a session holds its ``OrgCounters`` for its whole life. A tier change gives a new
+    ``OrgCounters`` for the new (org, tier) pair; the old one keeps its counters (labelled with the old tier)
     and its gauges fall to zero as its sessions end.
 
 Snapshot (a worker → the supervisor)
@@ -35,7 +34,7 @@ Snapshot format (``SNAPSHOT_VERSION`` 1)::
       "auth_failures": 0, "protocol_errors": 0, "logins_blocked": 0, "login_blocks": 0,
       "limits_degraded": 0, "usage_spool_bytes": 0, "usage_shipping_lag_seconds": 0.0,
       "orgs": [
-        {"org": "acme", "tier": "pro",
+        {"org": "acme", "tier": "pro", "db_type": "postgres",
          "client_connections": 3, "backend_connections": 1,
          "queries": 120, "errors": 1, "throttled": 4, "refused": 0,
          "bytes_in": 5120, "bytes_out": 90210,
@@ -53,7 +52,6 @@ Snapshot format (``SNAPSHOT_VERSION`` 1)::
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -66,16 +64,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+from o7s_cluster.usage.counters import LATENCY_BUCKETS, NBUCKETS as _NBUCKETS, CounterBook, OrgCounters
+
 SNAPSHOT_VERSION = 1
 # The classic text format generate_latest() writes (prometheus_client's CONTENT_TYPE_LATEST now names 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-# Upper bounds of the query latency histogram, in seconds: 1-2.5-5 steps from 0.25 ms to 10 s (the usual
-# Prometheus shape, so dashboards can pick e.g. le="0.015"-ish neighbours 0.01 and 0.025 for the 15 ms goal).
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)
-_NBUCKETS = len(LATENCY_BUCKETS) + 1  # the last slot counts observations above the largest bound (+Inf)
 
 OTHER = "_other"  # the org label of every org past the label budget
 DEFAULT_MAX_ORG_LABELS = 200
@@ -92,47 +85,16 @@ WORKER_COUNTERS = ("handoffs_out", "cancels_forwarded", "sessions_total", "auth_
 WORKER_GAUGES = ("limits_degraded", "usage_spool_bytes", "usage_shipping_lag_seconds")
 
 
-class OrgMetrics:
-    """One org (in one tier) on one worker. The hot path only adds to these attributes."""
-
-    __slots__ = (
-        "org", "tier", *ORG_GAUGES, *ORG_COUNTERS, "latency_counts", "latency_sum",
-    )
-
-    def __init__(self, org: str, tier: str) -> None:
-        self.org = org
-        self.tier = tier
-        self.client_connections = 0  # gauge: client sessions open now
-        self.backend_connections = 0  # gauge: backend connections attached to this org's sessions now
-        self.queries = 0  # queries run: simple Query messages and extended-protocol Executes
-        self.errors = 0  # queries that ended in an ErrorResponse from the backend or from O7s
-        self.throttled = 0  # queries that waited for a rate-limit token
-        self.refused = 0  # queries refused by the rate limiter
-        self.bytes_in = 0  # bytes received from clients
-        self.bytes_out = 0  # bytes sent to clients
-        self.pool_waits = 0  # times a session had to wait for a backend connection
-        self.pool_wait_seconds = 0.0  # total time spent in those waits
-        self.handoffs_in = 0  # connections handed to this worker as the org's home
-        self.latency_counts = [0] * _NBUCKETS
-        self.latency_sum = 0.0
-
-    def observe_latency(self, seconds: float) -> None:
-        """Count one query that took `seconds` (O(log buckets), no allocation)."""
-        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"org": self.org, "tier": self.tier}
-        for name in ORG_GAUGES:
-            d[name] = getattr(self, name)
-        for name in ORG_COUNTERS:
-            d[name] = getattr(self, name)
-        d["latency_counts"] = list(self.latency_counts)
-        d["latency_sum"] = self.latency_sum
-        return d
-
-    def __repr__(self) -> str:
-        return f"<OrgMetrics {self.org}/{self.tier} conns={self.client_connections} queries={self.queries}>"
+def org_dict(c: OrgCounters) -> dict[str, Any]:
+    """One OrgCounters in the snapshot format."""
+    d: dict[str, Any] = {"org": c.org, "tier": c.tier or "unknown", "db_type": c.db_type}
+    for name in ORG_GAUGES:
+        d[name] = getattr(c, name)
+    for name in ORG_COUNTERS:
+        d[name] = getattr(c, name)
+    d["latency_counts"] = list(c.latency_counts)
+    d["latency_sum"] = c.query_seconds
+    return d
 
 
 PoolState = Callable[[], Mapping[str, Mapping[str, int]]]
@@ -142,17 +104,17 @@ class WorkerMetrics:
     """All the metrics of one worker process."""
 
     __slots__ = (
-        "worker_index", "pid", "started_at", "_orgs", "pool_state", *WORKER_COUNTERS, *WORKER_GAUGES,
+        "worker_index", "pid", "started_at", "book", "pool_state", *WORKER_COUNTERS, *WORKER_GAUGES,
     )
 
-    def __init__(self, worker_index: int, pid: int) -> None:
+    def __init__(self, worker_index: int, pid: int, book: CounterBook | None = None) -> None:
         self.worker_index = worker_index
         self.pid = pid
         self.started_at = time.time()
-        self._orgs: dict[str, dict[str, OrgMetrics]] = {}
+        self.book = CounterBook() if book is None else book  # shared with the worker's usage recorder
         # Optional provider of the pool state, called at snapshot time (not on the hot path):
         # () -> {org: {"pool_in_use": n, "pool_idle": n, "pool_waiting": n}}. The fields it gives are added to
-        # the org's current (most recently created) OrgMetrics entry in the snapshot.
+        # the org's most recently made Postgres entry in the snapshot.
         self.pool_state: PoolState | None = None
         self.handoffs_out = 0  # connections this worker accepted and handed to another (the org's home)
         self.cancels_forwarded = 0  # CancelRequests this worker passed on to the worker that owns the key
@@ -165,19 +127,12 @@ class WorkerMetrics:
         self.usage_spool_bytes = 0  # gauge: bytes in the local usage spool not yet shipped (set by usage/)
         self.usage_shipping_lag_seconds = 0.0  # gauge: age of the oldest unshipped usage record (usage/)
 
-    def org(self, org: str, tier: str) -> OrgMetrics:
-        """The OrgMetrics of (org, tier), created on first use. No allocation when it exists."""
-        tiers = self._orgs.get(org)
-        if tiers is None:
-            tiers = self._orgs[org] = {}
-        m = tiers.get(tier)
-        if m is None:
-            m = tiers[tier] = OrgMetrics(org, tier)
-        return m
+    def org(self, org: str, tier: str, db_type: str = "postgres", org_id: str | None = None) -> OrgCounters:
+        """The counters of (org, tier, database type), made on first use. No allocation when they exist."""
+        return self.book.get(org, tier, db_type, org_id)
 
-    def orgs(self) -> Iterator[OrgMetrics]:
-        for tiers in self._orgs.values():
-            yield from tiers.values()
+    def orgs(self) -> Iterator[OrgCounters]:
+        return iter(self.book)
 
     def snapshot(self) -> dict[str, Any]:
         """The complete state, JSON-able (orjson), in the format of the module docstring."""
@@ -188,19 +143,20 @@ class WorkerMetrics:
                 pools = self.pool_state() or {}
             except Exception:  # noqa: BLE001 - a broken provider must not break metrics
                 pools = {}
-        for name, tiers in self._orgs.items():
-            entries = [m.as_dict() for m in tiers.values()]
-            pool = pools.get(name)
-            if pool and entries:
-                for k in POOL_GAUGES:
-                    if k in pool:
-                        entries[-1][k] = int(pool[k])
-            orgs.extend(entries)
-        for name, pool in pools.items():  # pools of orgs that have no session counters yet
-            if name not in self._orgs and pool:
-                d = OrgMetrics(name, "unknown").as_dict()
-                d.update({k: int(pool[k]) for k in POOL_GAUGES if k in pool})
+        pooled: dict[str, dict[str, Any]] = {}  # org -> the entry its pool gauges go on
+        for c in self.book:
+            d = org_dict(c)
+            orgs.append(d)
+            if c.db_type == "postgres" or c.org not in pooled:
+                pooled[c.org] = d
+        for name, pool in pools.items():
+            if not pool:
+                continue
+            d = pooled.get(name)
+            if d is None:  # pools of orgs that have no session counters yet
+                d = org_dict(OrgCounters(name, "unknown"))
                 orgs.append(d)
+            d.update({k: int(pool[k]) for k in POOL_GAUGES if k in pool})
         snap: dict[str, Any] = {
             "version": SNAPSHOT_VERSION,
             "worker": self.worker_index,

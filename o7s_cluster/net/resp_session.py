@@ -40,6 +40,7 @@ from o7s_cluster.resp.session import (
 )
 
 if TYPE_CHECKING:
+    from o7s_cluster.usage.counters import OrgCounters
     from o7s_cluster.control_plane.catalog import OrgLogin
     from o7s_cluster.limits.bucket import Bucket
     from o7s_cluster.limits.gate import Ticket
@@ -83,8 +84,7 @@ class RespClient:
         self.db_name = ""
         self.ticket: Ticket | None = None
         self.bucket: Bucket | None = None
-        self.usage = None
-        self.metrics = None
+        self.counters: OrgCounters | None = None  # the org's (database type redis): metrics and usage read them
         self.pinned: RedisConn | None = None  # MULTI/WATCH or Pub/Sub: the client's own backend connection
         self.pinned_pool: RedisPool | None = None
         self.streaming = False  # subscribed: a reader task relays the pinned connection
@@ -128,10 +128,8 @@ class RespClient:
             self.pinned = None
         if self.ticket is not None:
             self.ticket.release()
-        if self.usage is not None:
-            self.usage.connection_closed()
-        if self.metrics is not None:
-            self.metrics.client_connections -= 1
+        if self.counters is not None:
+            self.counters.connection_closed()
         try:
             await self.stream.aclose()
         except (trio.BrokenResourceError, OSError):
@@ -144,9 +142,8 @@ class RespClient:
             return
         async with self.write_lock:
             await self.stream.send_all(data)
-        if self.usage is not None:
-            self.usage.bytes_out += len(data)
-            self.metrics.bytes_out += len(data)
+        if self.counters is not None:
+            self.counters.bytes_out += len(data)
 
     async def _serve(self) -> None:
         deadline = trio.current_time() + self.settings.startup_timeout
@@ -164,9 +161,8 @@ class RespClient:
                 deadline = trio.current_time() + self.settings.startup_timeout
             if not data:
                 return
-            if self.usage is not None:
-                self.usage.bytes_in += len(data)
-                self.metrics.bytes_in += len(data)
+            if self.counters is not None:
+                self.counters.bytes_in += len(data)
             self.parser.feed(data)
             batch: list[Step] = []
             while True:
@@ -215,12 +211,10 @@ class RespClient:
                 try:
                     throttled = await bucket.admit(core.in_multi)
                 except LimitError as exc:
-                    self.usage.refused += 1
-                    self.metrics.refused += 1
+                    self.counters.refused += 1
                     return Answer(codec.error(f"ERR O7s: {exc.message}; {exc.hint}"))
                 if throttled:
-                    self.usage.throttled += 1
-                    self.metrics.throttled += 1
+                    self.counters.throttled += 1
         name = cmd[0].upper()
         if name == b"RESET" and core.authed:
             await self._reset()
@@ -318,8 +312,8 @@ class RespClient:
                 out += step.reply
             else:
                 out += msg
-                if self.usage is not None:
-                    self.usage.errors += 1
+                if self.counters is not None:
+                    self.counters.errors += 1
         was_pinned = self.core.pinned or conn is self.pinned
         if conn is not None:
             if conn is self.pinned:
@@ -333,10 +327,7 @@ class RespClient:
 
     def _count(self, started: float, raw: bytes) -> None:
         ok = raw[:1] not in (b"-", b"!")
-        self.usage.query_done(time.perf_counter() - started, 0, ok)
-        self.metrics.queries += 1
-        if not ok:
-            self.metrics.errors += 1
+        self.counters.query_done(time.perf_counter() - started, 0, ok)
 
     def _finish(self, step: Send, raw: bytes) -> bytes:
         """The backend's reply as the client must see it."""
@@ -522,10 +513,8 @@ class RespClient:
             return error_reply(f'could not connect to database "{db_name}": {e.reason}')
         self.login, self.db_name = login, db_name
         self.bucket = server.limits.bucket(login.org_id, login.name, login.limits)
-        self.usage = server.usage.counters(login.org_id, login.name, "redis", tier=login.tier)
-        self.usage.connection_opened()
-        self.metrics = server.metrics.org(login.name, login.tier)
-        self.metrics.client_connections += 1
+        self.counters = server.metrics.org(login.name, login.tier, "redis", login.org_id)
+        self.counters.connection_opened()
         self.core.scripts = self.org.acl
         self.parser.set_limits(codec.MAX_ARGS, min(codec.MAX_BULK, self.settings.max_message_size))
         log.info("redis client logged in", extra={"org": login.name, "db": db_name})

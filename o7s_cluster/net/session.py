@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from o7s_cluster.limits.errors import LimitError
-from o7s_cluster.admin.metrics import OrgMetrics
 from o7s_cluster.net.backend import BackendConn, BackendError, send_cancel
 from o7s_cluster.net.channel import AnyChannel, Channel
-from o7s_cluster.net.counters import SessionCounters
 from o7s_cluster.net.login import Login, limit_error
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
@@ -30,16 +28,16 @@ from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy.params import SYNCED_REPORTED, sync_sql
 from o7s_cluster.proxy.relay import RELEASE
 from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, TERMINATE, SessionCore
+from o7s_cluster.usage.counters import OrgCounters
 
 if TYPE_CHECKING:
     from o7s_cluster.limits.bucket import Bucket
     from o7s_cluster.limits.gate import Ticket
     from o7s_cluster.net.pool import Pool
-    from o7s_cluster.usage.counters import UsageCounters
     from o7s_cluster.worker.server import Server
 
 log = logging.getLogger("o7s.session")
-_NOBODY = OrgMetrics("_unauthenticated", "none")
+_NOBODY = OrgCounters("_unauthenticated", "none")
 HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing more waits
 
 
@@ -87,8 +85,7 @@ class ClientSession:
         self.core: SessionCore | None = None
         self.conn: BackendConn | None = None
         self.pool: Pool | None = None
-        self.metrics: OrgMetrics = _NOBODY
-        self.usage: UsageCounters | None = None
+        self.counters: OrgCounters = _NOBODY  # the org's, once logged in: metrics and usage read them
         self.bucket: Bucket | None = None
         self.ticket: Ticket | None = None
         self._attached_at = 0.0
@@ -170,21 +167,19 @@ class ClientSession:
         self.pool = login.pool
         self.bucket = login.bucket
         server = self.server
-        self.metrics = server.metrics.org(login.login.name, login.login.tier)
-        self.metrics.client_connections += 1
+        self.counters = counters = server.metrics.org(login.login.name, login.login.tier, self.pool.db_type,
+                                                      login.login.org_id)
+        counters.connection_opened()
         server.metrics.sessions_total += 1
         if self.handed_off:
-            self.metrics.handoffs_in += 1
+            counters.handoffs_in += 1
         if self.conn is not None:
-            self.metrics.backend_connections += 1
-        self.usage = server.usage.counters(login.login.org_id, login.login.name, self.pool.db_type,
-                                           tier=login.login.tier)
-        self.usage.connection_opened()
+            counters.backend_connections += 1
         bucket = self.bucket
         assert bucket is not None
         self.core = SessionCore(
             transaction_mode=self.settings.pool_mode == "transaction",
-            counters=SessionCounters(self.metrics, self.usage),
+            counters=counters,
             pool_statements=self.pool.statements,
             client_params=login.client_params,
             take_token=bucket.try_admit,
@@ -218,14 +213,12 @@ class ClientSession:
         conn, self.conn = self.conn, None
         if conn is not None and self.pool is not None:
             conn.sink = None
-            self.metrics.backend_connections -= 1
+            self.counters.backend_connections -= 1
             await self._give_back(conn, self.pool)
         if self.logged_in:
-            self.metrics.client_connections -= 1
+            self.counters.connection_closed()
             if self.core is not None:
                 self.core.statements.drop_all()
-        if self.usage is not None:
-            self.usage.connection_closed()
         if self.ticket is not None:
             self.ticket.release()
         self.channel.close()
@@ -252,7 +245,7 @@ class ClientSession:
         if self.core is not None:
             self.core.detach()
         if conn is not None and self.pool is not None:
-            self.metrics.backend_connections -= 1
+            self.counters.backend_connections -= 1
             with trio.CancelScope(shield=True):
                 await self.pool.discard(conn)
 
@@ -357,16 +350,16 @@ class ClientSession:
         self._attached_at = time.perf_counter()
         if self.core is not None:
             self.core.attached(conn.state)
-            self.metrics.backend_connections += 1
+            self.counters.backend_connections += 1
 
     def _detach(self) -> BackendConn:
         """The backend leaves the core (the caller gives it back to the pool)."""
         conn, self.conn = self.conn, None
         assert conn is not None and self.core is not None
         self.core.detach()
-        self.metrics.backend_connections -= 1
-        if self.usage is not None:
-            self.usage.backend_seconds += time.perf_counter() - self._attached_at
+        counters = self.counters
+        counters.backend_connections -= 1
+        counters.backend_seconds += time.perf_counter() - self._attached_at
         return conn
 
     async def _attach(self) -> None:
@@ -379,7 +372,7 @@ class ClientSession:
         conn = pool.try_acquire()
         if conn is None:
             if pool.would_wait():
-                self.metrics.pool_waits += 1
+                self.counters.pool_waits += 1
             started = time.perf_counter()
             try:
                 conn = await pool.acquire()
@@ -388,7 +381,7 @@ class ClientSession:
                                                f"{exc.reason}", fatal=False))
                 return
             finally:
-                self.metrics.pool_wait_seconds += time.perf_counter() - started
+                self.counters.pool_wait_seconds += time.perf_counter() - started
         sql = sync_sql(core.client_params, conn.state.settings)
         if sql:
             try:

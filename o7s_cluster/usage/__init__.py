@@ -1,8 +1,9 @@
 """Usage attribution: per-worker counters, windowed msgspec records, a durable spool and a shipper.
 
-The session hot path only adds to plain attributes of a `UsageCounters` object it holds (one per
-(org, database type) per worker). `UsageRecorder.run()` closes a window every `usage_window` seconds
-(aligned to the wall clock), turns every non-idle counters object into a `UsageRecord`, appends the
+The session hot path only adds to plain attributes of an `OrgCounters` object it holds (one per
+(org, tier, database type) per worker; the worker's metrics read the same objects). The counters are
+cumulative: `UsageRecorder.run()` closes a window every `usage_window` seconds (aligned to the wall
+clock), turns what every counters object gained since the last window into a `UsageRecord`, appends the
 batch to the spool (msgpack, fsynced in a worker thread) and only then counts it as taken. A shipper
 task sends spooled records to the sinks (Postgres `platform.usage_metrics`, MongoDB `usageHistory`) in
 batches and acknowledges them in the spool only when every sink has them; a sink that is down is retried
@@ -10,7 +11,7 @@ with backoff while the spool holds the data. Record ids are fixed when a record 
 twice (a retry, a replay after a crash) is a no-op in every sink.
 
 Modules:
-    counters.py   `UsageCounters`: what the session adds to, per (org, database type)
+    counters.py   `OrgCounters`/`CounterBook`: what the session adds to, read by metrics and usage
     records.py    `UsageRecord`, record ids, the vCPU and memory estimates
     recorder.py   `UsageRecorder`: windows, spool writes, the shipper
     spool.py      `SpoolDir`: the on-disk spool (layout in its docstring)

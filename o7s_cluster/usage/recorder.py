@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from o7s_cluster.usage.counters import UsageCounters
+from o7s_cluster.usage.counters import CounterBook, OrgCounters
 from o7s_cluster.usage.records import UsageRecord, estimate, record_id
 from o7s_cluster.usage.sinks.base import Sink, make_sinks, sink_keys, sink_namespace
 from o7s_cluster.usage.spool import Segment, SpoolDir, encode_frame
@@ -48,7 +48,7 @@ class UsageRecorder:
     def __init__(self, settings: Any, *, worker: str, sinks: Sequence[Sink] | None = None,
                  spool_max_bytes: int | None = None, batch_records: int = 1000,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 memory_max_records: int = 100_000, metrics: Any = None) -> None:
+                 memory_max_records: int = 100_000, metrics: Any = None, book: CounterBook | None = None) -> None:
         self.settings = settings
         self.worker = worker
         self.window = float(getattr(settings, "usage_window", 10.0))
@@ -63,8 +63,8 @@ class UsageRecorder:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.memory_max_records = memory_max_records
-        self._counters: dict[tuple[str | None, str], UsageCounters] = {}
-        self._by_name: dict[str, UsageCounters] = {}
+        self.book = CounterBook() if book is None else book  # the worker's counters, shared with its metrics
+        self._last: dict[OrgCounters, tuple] = {}  # what each counters object showed when the last window closed
         self._auth: dict[str, int] = {}
         self._boot = secrets.token_hex(8)  # this incarnation: ids never collide with a previous run's
         self._seq = 0
@@ -88,18 +88,12 @@ class UsageRecorder:
         self.metrics = metrics  # optional WorkerMetrics: usage_spool_bytes, usage_shipping_lag_seconds
 
     # ---------------------------------------------------------------------------- hot path API
-    def counters(self, org_id: str, org_name: str, db_type: str, *, tier: str | None = None) -> UsageCounters:
-        key = (org_id, db_type)
-        c = self._counters.get(key)
-        if c is None:
-            c = self._counters[key] = UsageCounters(org_id, org_name, db_type, tier)
-            self._by_name.setdefault(org_name, c)
-        elif tier is not None and c.tier != tier:
-            c.tier = tier
-        return c
+    def counters(self, org_id: str | None, org_name: str, db_type: str, *, tier: str | None = None) -> OrgCounters:
+        """The counters a session adds to (the same object the worker's metrics read)."""
+        return self.book.get(org_name, tier, db_type, org_id)
 
     def auth_failure(self, org_name: str) -> None:
-        c = self._by_name.get(org_name)
+        c = self.book.of_org(org_name)
         if c is not None:
             c.auth_failures += 1
             return
@@ -121,12 +115,22 @@ class UsageRecorder:
         self._seq += 1
         self.windows_closed += 1
         taken = []
-        for c in self._counters.values():
-            if c._idle():
+        last = self._last
+        for c in self.book:
+            now_values = c.usage_values()
+            before = last.get(c)
+            peak = c.take_peak()
+            if before == now_values and not peak:
                 continue
-            snap = c._take()
+            last[c] = now_values
+            if before is None:
+                delta = now_values
+            else:
+                delta = tuple(a - b for a, b in zip(now_values, before))
+            q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, auth_n = delta
+            snap = (q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, peak, auth_n)
             if any(snap):
-                taken.append((c.org_id, c.org_name, c.db_type, c.tier, snap))
+                taken.append((c.org_id, c.org, c.db_type, c.tier, snap))
         auth, self._auth = self._auth, {}
         return seq, start, now, taken, auth
 
@@ -140,7 +144,7 @@ class UsageRecorder:
             (q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, peak, auth_n) = snap
             vcpu_h, mem_h = estimate(q_s, heavy_s, tier)
             out.append(UsageRecord(
-                id=record_id(self.worker, self._boot, seq, org_id or org_name, db_type),
+                id=record_id(self.worker, self._boot, seq, f"{org_id or org_name}@{tier or ''}", db_type),
                 org_id=org_id, org_name=org_name, database_type=db_type, worker=self.worker,
                 period_start=p_start, period_end=p_end, queries=q, errors=err, throttled=thr, refused=ref,
                 bytes_in=b_in, bytes_out=b_out, rows=rows, query_seconds=q_s, backend_seconds=b_s,

@@ -61,7 +61,7 @@ class Server:
         self.router = router
         self.all_sessions: set[Session] = set()
         self.draining = False
-        self.metrics = WorkerMetrics(worker_index, os.getpid())
+        self.metrics = WorkerMetrics(worker_index, os.getpid(), book=usage.book)
         self.metrics.pool_state = self._pool_state
         self.catalog = catalog
         self.nursery = nursery
