@@ -60,6 +60,39 @@ async def test_pool_timeout_names_the_database_not_the_dsn(target, nursery):
     await pool.close()
 
 
+async def test_waiters_time_out_at_their_own_deadlines_and_a_cancelled_one_leaves_the_queue(target, nursery):
+    """One watchdog ends the waits in order; a waiter that gave up is not handed a connection later."""
+    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=0.4), nursery=nursery)
+    conn = await pool.acquire()
+    ended: dict[str, float] = {}
+
+    async def wait(name: str, delay: float) -> None:
+        await trio.sleep(delay)
+        started = trio.current_time()
+        with pytest.raises(PoolTimeout):
+            await pool.acquire()
+        ended[name] = trio.current_time() - started
+
+    async with trio.open_nursery() as n:
+        n.start_soon(wait, "a", 0.0)
+        n.start_soon(wait, "b", 0.15)
+        with trio.CancelScope() as gave_up:
+            gave_up.deadline = trio.current_time() + 0.1
+            await pool.acquire()  # cancelled after 0.1 s: it must leave the queue
+        assert gave_up.cancelled_caught
+    assert set(ended) == {"a", "b"} and all(0.39 <= t < 1.5 for t in ended.values()), ended
+    assert pool.waiting == 0
+    pool.release(conn)  # nobody is waiting: it goes idle, not to a task that gave up
+    assert pool.idle == 1 and pool.in_use == 0
+    again = await pool.acquire()  # and after an idle spell, the watchdog still ends waits
+    await trio.sleep(0.5)
+    with pytest.raises(PoolTimeout):
+        with trio.fail_after(3):
+            await pool.acquire()
+    pool.release(again)
+    await pool.close()
+
+
 async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_server, nursery):
     pool = Pool("pooltest_db", target, 1, PoolSettings(), nursery=nursery)
     conn = await pool.acquire()

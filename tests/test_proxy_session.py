@@ -245,6 +245,11 @@ def test_role_and_custom_settings_follow():
     ("select pg_advisory_lock(1)", True),
     ('select "Quoted"()', True),
     ("update t set x = 1", False),
+    ("select abalance from pgbench_accounts where aid = 1;\x00", False),  # one statement, its ";" at the end
+    ("  \n-- note\n  SET work_mem = '8MB' ;", True),  # whitespace and comments before the keyword
+    ("select 1; set role x", True),  # a later statement
+    ("select 1 ;\n discard all;", True),
+    ("select 'a;b' from t; listen ch", True),
 ])
 def test_which_statements_may_change_session_state(sql, expected):
     assert may_change_state(sql.encode()) is expected

@@ -39,7 +39,9 @@ class Pool:
 
     A connection given back goes straight to the oldest waiter (no semaphore, no liveness check: it
     was just in use); with nobody waiting it joins a LIFO stack of idle ones, so the busiest stay warm
-    and the rest age out. Each connection's pump task runs in `nursery`.
+    and the rest age out. Each connection's pump task runs in `nursery`, and so does one watchdog that
+    ends the waits that ran out of time: waiters queue in FIFO order with the same timeout, so it only
+    ever sleeps until the oldest one's deadline, and a wait costs no cancel scope of its own.
     """
 
     def __init__(self, db_name: str, target: BackendTarget, size: int, settings: PoolSettings,
@@ -54,7 +56,10 @@ class Pool:
         self.startup_params = startup_params or {}
         self._nursery = nursery
         self._idle: deque[BackendConn] = deque()
-        self._waiters: deque[trio.lowlevel.Task] = deque()
+        self._waiters: deque[tuple[trio.lowlevel.Task, float]] = deque()  # (task, deadline), oldest first
+        self._watchdog: trio.CancelScope | None = None
+        self._watchdog_lot = trio.lowlevel.ParkingLot()  # the watchdog parks here while nobody waits
+        self._waited = False  # someone queued since the watchdog last looked
         self.in_use = 0  # given out, parked or being opened
         self._dead: list[BackendConn] = []  # closed by the reaper
         self.opened_total = 0
@@ -87,10 +92,7 @@ class Pool:
         if conn is not None:
             return conn
         if self.in_use >= self.size or self._waiters:
-            with trio.move_on_after(self.settings.acquire_timeout) as scope:
-                conn = await self._wait()
-            if scope.cancelled_caught:
-                raise PoolTimeout(self.db_name, self.settings.acquire_timeout, self.size)
+            conn = await self._wait()  # raises PoolTimeout when the watchdog ends the wait
             if conn is not None:
                 return conn
             # A slot came free (a connection was closed): open one in it.
@@ -100,14 +102,39 @@ class Pool:
 
     async def _wait(self) -> BackendConn | None:
         """Queue for a hand-off: a connection, or None for a free slot (counted as ours already)."""
-        task = trio.lowlevel.current_task()
-        self._waiters.append(task)
+        entry = (trio.lowlevel.current_task(), trio.current_time() + self.settings.acquire_timeout)
+        self._waiters.append(entry)
+        self._waited = True
+        if self._watchdog is None:
+            self._watchdog = trio.CancelScope()
+            self._nursery.start_soon(self._watch_waiters, self._watchdog)
+        elif self._watchdog_lot:
+            self._watchdog_lot.unpark_all()
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._waiters.remove(task)
+            self._waiters.remove(entry)
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _watch_waiters(self, scope: trio.CancelScope) -> None:
+        """End every wait at its deadline with PoolTimeout (the oldest waiter's deadline comes first)."""
+        timeout = self.settings.acquire_timeout
+        with scope:
+            while True:
+                waiters = self._waiters
+                if not waiters:
+                    if not self._waited:  # nobody for a whole timeout: sleep until someone queues
+                        await self._watchdog_lot.park()
+                    self._waited = False
+                    await trio.sleep(timeout)  # a wait queued meanwhile ends no earlier than this
+                    continue
+                now = trio.current_time()
+                while waiters and waiters[0][1] <= now:
+                    task, _ = waiters.popleft()
+                    trio.lowlevel.reschedule(task, outcome.Error(PoolTimeout(self.db_name, timeout, self.size)))
+                if waiters:
+                    await trio.sleep_until(waiters[0][1])
 
     async def _open(self, start: float) -> BackendConn:
         """Open a connection in a slot already counted in `in_use`; the slot is given on if that fails."""
@@ -125,7 +152,7 @@ class Pool:
 
     def _free_slot(self) -> None:
         if self._waiters:
-            trio.lowlevel.reschedule(self._waiters.popleft(), outcome.Value(None))
+            trio.lowlevel.reschedule(self._waiters.popleft()[0], outcome.Value(None))
         else:
             self.in_use -= 1
 
@@ -144,7 +171,7 @@ class Pool:
             self._free_slot()
             return
         if self._waiters:
-            trio.lowlevel.reschedule(self._waiters.popleft(), outcome.Value(conn))
+            trio.lowlevel.reschedule(self._waiters.popleft()[0], outcome.Value(conn))
             return
         self.in_use -= 1
         conn.last_used = time.monotonic()
@@ -177,6 +204,8 @@ class Pool:
             await conn.aclose()
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         idle, self._idle = list(self._idle), deque()
         for conn in idle:
             await conn.aclose()

@@ -95,8 +95,13 @@ def may_change_state(sql: bytes | bytearray) -> bool:
     return _scan_cached(bytes(sql))
 
 
+_TRAILING = b"; \t\r\n\x00"
+
+
 def _scan(sql: bytes | bytearray) -> bool:
-    if _STATEFUL_START.search(sql) or _TEMP.search(sql):
+    # One statement (no ";" before its end) can only start with the keyword: anchor the search there.
+    head = _STATEFUL_START.match if sql.rstrip(_TRAILING).find(b";") < 0 else _STATEFUL_START.search
+    if head(sql) or _TEMP.search(sql):
         return True
     if b"(" not in sql:
         return False
