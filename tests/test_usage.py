@@ -19,7 +19,7 @@ from o7s_cluster.control_plane.migrate import migrate
 from o7s_cluster.config import Settings
 from o7s_cluster.usage.sinks.postgres import PostgresSink
 from o7s_cluster.usage.counters import USAGE_FIELDS, OrgCounters
-from o7s_cluster.usage.records import HEAVY_ROWS, UsageRecord, estimate
+from o7s_cluster.usage.records import HEAVY_ROWS, AuditRecord, UsageRecord, estimate
 from o7s_cluster.usage.recorder import UsageRecorder
 from o7s_cluster.usage.spool import decode_frames, encode_frame
 
@@ -146,8 +146,12 @@ async def test_window_records(tmp_path):
     rec.auth_failure("nosuchorg")
     rec.auth_failure("nosuchorg")
     rec.auth_failure("NOT a valid name; drop table")
-    records = {r.org_name: r for r in rec._close_window()}
+    closed = rec._close_window()
+    records = {r.org_name: r for r in closed if isinstance(r, UsageRecord)}
     assert set(records) == {"acme", "beta", "nosuchorg", "*"}  # the idle org has no record
+    # the two refused queries are also one audit row for the org (aggregated per window)
+    audit = [(r.kind, r.org, r.org_id, r.count) for r in closed if isinstance(r, AuditRecord)]
+    assert audit == [("rate_refused", "acme", "11111111-1111-1111-1111-111111111111", 2)]
     ra, rb = records["acme"], records["beta"]
     assert (ra.queries, ra.errors, ra.rows, ra.refused, ra.auth_failures) == (5, 0, 15, 2, 1)
     assert ra.query_seconds == pytest.approx(0.05) and ra.tier == "pro" and ra.worker == "m0-w1"

@@ -9,6 +9,9 @@ Endpoints (JSON is orjson; errors are ``{"error": "..."}``)::
     GET  /v1/orgs/{org}   live connections, qps and other rates, totals, latency, pool state; 404 if never seen
     POST /v1/workers      {"count": N} with 1 <= N <= 64: scale the cluster; 200 with the new state, 400 on bad input
 
+Every call but /health, /ready and /metrics is audited (``admin_call`` rows of platform.audit_log, counted per
+window by the supervisor's recorder: method, path, status, client address).
+
 Authentication (``AdminAuth``): every state-changing request (any method but GET/HEAD) needs
 ``Authorization: Bearer <admin_token>``, compared in constant time; 401 without it or with a wrong one. With no
 token configured such requests are refused (403) wherever they come from: a loopback exception would open the
@@ -43,6 +46,7 @@ import orjson
 import trio
 
 from o7s_cluster.config import parse_listen
+from o7s_cluster.usage.audit import ADMIN_CALL, AuditBuffer
 from o7s_cluster.admin.metrics import (
     CONTENT_TYPE,
     LATENCY_BUCKETS,
@@ -59,6 +63,7 @@ MIN_WORKERS, MAX_WORKERS = 1, 64
 MAX_BODY = 64 * 1024
 _RATE_FIELDS = ("queries", "errors", "throttled", "refused")
 OPEN_PATHS = frozenset(("/health", "/ready"))  # never need a token: probes
+UNAUDITED_PATHS = OPEN_PATHS | {"/metrics"}  # probes and scrapes are not admin actions
 _READ_METHODS = frozenset(("GET", "HEAD"))
 _BEARER = b"bearer "
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="o7s-admin"')]
@@ -112,8 +117,9 @@ class AdminApp:
     def __init__(self, view: ClusterView, *, max_org_labels: int = DEFAULT_MAX_ORG_LABELS,
                  gather_timeout: float = 5.0, ready_timeout: float = 5.0, rate_interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
-                 auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth()) -> None:
+                 auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth(), audit: AuditBuffer | None = None) -> None:
         self.view = view
+        self.audit = audit  # every call but probes and scrapes is counted here (usage/audit.py)
         self._auth = auth
         self.auth_failures = 0  # requests refused for a missing or wrong token
         self.gather_timeout = gather_timeout
@@ -158,9 +164,24 @@ class AdminApp:
             log.exception("admin request failed", extra={"path": scope["path"], "method": method})
             status, headers, body = 500, [(b"content-type", b"application/json")], \
                 orjson.dumps({"error": "internal error (see the supervisor's log)"})
+        if self.audit is not None:
+            self._audit(method, scope["path"], status, scope.get("client"))
         headers = [*headers, (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})
+
+    def _audit(self, method: str, path: str, status: int, client: Any) -> None:
+        """One admin call in the audit log (aggregated per window): not probes, not Prometheus scrapes."""
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/")
+        if path in UNAUDITED_PATHS:
+            return
+        org = None
+        if path.startswith("/v1/orgs/"):
+            org, path = unquote(path[len("/v1/orgs/"):]), "/v1/orgs/{org}"
+        assert self.audit is not None
+        self.audit.add(ADMIN_CALL, org, source=client[0] if client else None, method=method[:16],
+                       detail={"path": path, "status": status})
 
     def _authorize(self, method: str, path: str, headers: Any, client: Any) -> None:
         """Refuse (401/403) before routing, so an unauthenticated client learns nothing of the routes."""
@@ -461,7 +482,8 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
                       task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                       shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
                       app: AdminApp | None = None,
-                      auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth()) -> None:
+                      auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth(),
+                      audit: AuditBuffer | None = None) -> None:
     """Serve the admin HTTP port on host:port (port 0: a free one) until cancelled or `shutdown_trigger`
     returns. ``task_status.started((host, port))`` reports the address actually bound. An address that cannot
     be bound raises OSError before ``started``."""
@@ -477,7 +499,7 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
     config.errorlog = http_log
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0
-    app = app or AdminApp(view, auth=auth)
+    app = app or AdminApp(view, auth=auth, audit=audit)
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(app, config, shutdown_trigger=shutdown_trigger or trio.sleep_forever, task_status=task_status)

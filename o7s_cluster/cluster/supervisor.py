@@ -28,6 +28,7 @@ from o7s_cluster import logs
 from o7s_cluster.config import Settings, parse_listen
 from o7s_cluster.cluster.ports import PortError, check_ports, port_error
 from o7s_cluster.limits.release import release_dead_worker
+from o7s_cluster.usage.recorder import UsageRecorder
 from o7s_cluster.worker.router import supervisor_socket_path
 
 log = logging.getLogger("o7s.cluster")
@@ -65,6 +66,8 @@ class Supervisor:
         self._last: dict[int, dict[str, Any]] = {}  # each worker's latest snapshot
         self._stopped = trio.Event()
         self.failure: str | None = None
+        # The supervisor's own recorder: it has no usage, only the admin port's audit events.
+        self.recorder = UsageRecorder(settings, worker=f"m{settings.machine_id}-supervisor")
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -83,10 +86,15 @@ class Supervisor:
                 if self.settings.admin_listen and not await self._open_admin(nursery):
                     nursery.cancel_scope.cancel()
                     return
+                if self.settings.admin_listen:
+                    nursery.start_soon(self.recorder.run)  # the admin port's audit events, shipped like usage
                 for index in range(self.target):
                     await self._spawn(index)
                 nursery.start_soon(self._signals)
                 await self._stopped.wait()
+                if self.settings.admin_listen:
+                    with trio.move_on_after(5):
+                        await self.recorder.flush()
                 nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(self.run_dir, ignore_errors=True) if not self.settings.run_dir else None
@@ -98,7 +106,7 @@ class Supervisor:
         host, port = parse_listen(self.settings.admin_listen or "")
         auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
         try:
-            await nursery.start(partial(serve_admin, auth=auth), host, port, self)
+            await nursery.start(partial(serve_admin, auth=auth, audit=self.recorder.audit), host, port, self)
         except OSError as e:  # taken since check_ports looked, or not resolvable
             self.failure = port_error("open the admin port on", host, port, "--admin HOST:PORT", e)
             return False

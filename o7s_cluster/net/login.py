@@ -20,7 +20,7 @@ import trio
 from o7s_cluster.auth.apikeys import check_key, key_prefix, looks_like_key
 from o7s_cluster.auth.tokens import MAX_TOKEN, TokenRejected
 from o7s_cluster.limits.errors import LimitError
-from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy
+from o7s_cluster.limits.breaker import MAX_KEY_ORG, BreakerPolicy, Trip
 from o7s_cluster.net.backend import BackendConn, BackendError
 from o7s_cluster.net.channel import AnyChannel, Channel, TLSChannel
 from o7s_cluster.pgwire import errors as codes
@@ -39,6 +39,7 @@ from o7s_cluster.pgwire.framing import (
 )
 from o7s_cluster.pgwire.scram import MECHANISM, MECHANISM_PLUS, ScramChannelBindingError, ScramError, ScramServer
 from o7s_cluster.proxy.params import SYNCED_REPORTED, normalize_value, param_key, sync_sql, wanted_settings
+from o7s_cluster.usage.audit import BREAKER_TRIP
 
 if TYPE_CHECKING:
     from o7s_cluster.control_plane.catalog import OrgLogin
@@ -221,12 +222,14 @@ class Login:
         login = await self._authenticate()
         self.login = login
         server = self.server
+        server.usage.audit.login(True, login.name, self.user, self._address(), self.method, login.org_id)
         if self.db_name not in login.databases:
             raise ClientError(codes.INVALID_CATALOG_NAME, f"database \"{self.db_name}\" does not exist",
                               hint="Connect to one of the databases registered for your organization.")
         try:
             self.ticket = await server.limits.open_connection(login.org_id, login.name, login.limits)
         except LimitError as exc:
+            server.usage.audit.connection_refused(login.name, login.org_id, login.tier)
             raise limit_error(exc) from None
         self.bucket = server.limits.bucket(login.org_id, login.name, login.limits)
         await self._send(m.auth_ok())
@@ -296,7 +299,7 @@ class Login:
         server = self.server
         # The login breaker first, before the control plane or any SCRAM work: the same for every org name,
         # known or not, so it tells nobody which orgs exist.
-        address = self.peer.rpartition(":")[0] or self.peer
+        address = self._address()
         guard = server.limits.logins
         left = await guard.blocked_for(self.org, address)
         if left > 0:
@@ -397,13 +400,26 @@ class Login:
         except Exception as exc:  # last use is bookkeeping: never fail anything over it
             log.warning("could not record an API key's use", extra={"error": type(exc).__name__})
 
+    def _address(self) -> str:
+        return self.peer.rpartition(":")[0] or self.peer
+
     async def _login_failed(self, address: str) -> None:
         server = self.server
         server.metrics.auth_failures += 1
         server.usage.auth_failure(self.org)
+        server.usage.audit.login(False, self.org, self.user, address, self.method)
         with trio.CancelScope(shield=True):  # counted even when the start-up timeout hits now
-            if await server.limits.logins.failed(self.org, address) is not None:
+            trip = await server.limits.logins.failed(self.org, address)
+            if trip is not None:
                 server.metrics.login_blocks += 1
+                audit_trip(server, trip)
+
+
+def audit_trip(server: Server, trip: Trip) -> None:
+    """A login breaker trip in the audit log: who was blocked, after how many failures, for how long."""
+    block = server.limits.logins.policy.block
+    server.usage.audit.add(BREAKER_TRIP, trip.org, source=trip.address,
+                           detail={"failures": trip.failures, "block_seconds": block})
 
 
 def limit_error(exc: LimitError) -> ClientError:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from o7s_cluster.limits.errors import LimitError
+from o7s_cluster.net.login import audit_trip
 from o7s_cluster.net.resp_backend import RedisBackendError, RedisConn, RedisPool, error_reply
 from o7s_cluster.pgwire.scram import check_password
 from o7s_cluster.resp import codec
@@ -486,10 +487,14 @@ class RespClient:
         if not ok or login is None:
             server.metrics.auth_failures += 1
             server.usage.auth_failure(org)
+            server.usage.audit.login(False, org, user, address, "password")
             with trio.CancelScope(shield=True):
-                if await guard.failed(org, address) is not None:
+                trip = await guard.failed(org, address)
+                if trip is not None:
                     server.metrics.login_blocks += 1
+                    audit_trip(server, trip)
             return WRONGPASS
+        server.usage.audit.login(True, login.name, user, address, "password", login.org_id)
         if self.login is not None:  # a second AUTH on a logged-in connection: same org only
             return self.core.logged_in(step, login.name, self.core.ns)  # type: ignore[arg-type]
         try:
@@ -503,6 +508,7 @@ class RespClient:
         try:
             self.ticket = await server.limits.open_connection(login.org_id, login.name, login.limits)
         except LimitError as exc:
+            server.usage.audit.connection_refused(login.name, login.org_id, login.tier)
             await self._write(codec.error(f"ERR O7s: {exc.message}. {exc.hint or ''}".strip()))
             raise _Stop from None
         try:

@@ -1,4 +1,4 @@
-"""`UsageRecorder`: a worker's usage windows, written to the spool, shipped to the sinks.
+"""`UsageRecorder`: a worker's usage windows (and its audit events, audit.py), written to the spool, shipped to the sinks.
 
 `run()` closes a window every `usage_window` seconds (aligned to the wall clock), turns every non-idle
 counters object into a `UsageRecord`, appends the batch to the spool and only then counts it as taken. A
@@ -23,8 +23,9 @@ from typing import Any
 
 import trio
 
+from o7s_cluster.usage.audit import RATE_REFUSED, AuditBuffer
 from o7s_cluster.usage.counters import CounterBook, OrgCounters
-from o7s_cluster.usage.records import UsageRecord, estimate, record_id
+from o7s_cluster.usage.records import AnyRecord, AuditRecord, UsageRecord, estimate, record_id
 from o7s_cluster.usage.sinks.base import Sink, make_sinks, sink_keys, sink_namespace
 from o7s_cluster.usage.spool import Segment, SpoolDir, encode_frame
 
@@ -66,10 +67,11 @@ class UsageRecorder:
         self.book = CounterBook() if book is None else book  # the worker's counters, shared with its metrics
         self._last: dict[OrgCounters, tuple] = {}  # what each counters object showed when the last window closed
         self._auth: dict[str, int] = {}
+        self.audit = AuditBuffer()  # the hot path's audit events (logins, refusals, trips, admin calls)
         self._boot = secrets.token_hex(8)  # this incarnation: ids never collide with a previous run's
         self._seq = 0
         self._window_start = time.time()
-        self._unwritten: list[UsageRecord] = []  # closed but not yet in the spool (spool full or failing)
+        self._unwritten: list[AnyRecord] = []  # closed but not yet in the spool (spool full or failing)
         self._spool: SpoolDir | None = None
         self._write_lock = trio.Lock()
         self._wake = trio.Event()
@@ -103,7 +105,7 @@ class UsageRecorder:
         self._auth[name] = self._auth.get(name, 0) + 1
 
     # ---------------------------------------------------------------------------- windows
-    def _close_window(self, now: float | None = None) -> list[UsageRecord]:
+    def _close_window(self, now: float | None = None) -> list[AnyRecord]:
         """Snapshot every counters object into records for [window start, now) and reset them."""
         return self._build(self._snapshot(now))
 
@@ -132,14 +134,14 @@ class UsageRecorder:
             if any(snap):
                 taken.append((c.org_id, c.org, c.db_type, c.tier, snap))
         auth, self._auth = self._auth, {}
-        return seq, start, now, taken, auth
+        return seq, start, now, taken, auth, self.audit.take()
 
-    def _build(self, snapshot: tuple) -> list[UsageRecord]:
+    def _build(self, snapshot: tuple) -> list[AnyRecord]:
         """Records from a snapshot (ids, estimates): runs in a worker thread when there are many orgs."""
-        seq, start, now, taken, auth = snapshot
+        seq, start, now, taken, auth, audit = snapshot
         p_start = datetime.fromtimestamp(start, timezone.utc)
         p_end = datetime.fromtimestamp(now, timezone.utc)
-        out: list[UsageRecord] = []
+        out: list[AnyRecord] = []
         for org_id, org_name, db_type, tier, snap in taken:
             (q, err, thr, ref, b_in, b_out, rows, q_s, b_s, heavy_s, peak, auth_n) = snap
             vcpu_h, mem_h = estimate(q_s, heavy_s, tier)
@@ -156,11 +158,33 @@ class UsageRecorder:
                 org_id=None, org_name=name, database_type=None, worker=self.worker,
                 period_start=p_start, period_end=p_end, auth_failures=n,
             ))
+        out.extend(self._audit_records(seq, p_start, p_end, taken, audit))
+        return out
+
+    def _audit_records(self, seq: int, p_start: datetime, p_end: datetime, taken: list, audit: dict) -> list[AuditRecord]:
+        """The window's audit rows: the buffer's events, and the rate refusals per org from the usage counters."""
+        refused: dict[tuple[str | None, str], list[int]] = {}
+        for org_id, org_name, _db_type, _tier, snap in taken:
+            if snap[3]:  # queries refused by the rate limiter (snap[2]: throttled)
+                r = refused.setdefault((org_id, org_name), [0, 0])
+                r[0] += snap[3]
+                r[1] += snap[2]
+        out: list[AuditRecord] = []
+        for (org_id, org_name), (n, throttled) in refused.items():
+            out.append(AuditRecord(
+                id=record_id(self.worker, self._boot, seq, f"audit-rate:{org_id or org_name}", None), at=p_end,
+                kind=RATE_REFUSED, org=org_name, org_id=org_id, count=n, detail={"throttled": throttled},
+                worker=self.worker, period_start=p_start))
+        for i, ((kind, org, org_id, actor, source, method, detail), n) in enumerate(audit.items()):
+            out.append(AuditRecord(
+                id=record_id(self.worker, self._boot, seq, f"audit:{i}", None), at=p_end, kind=kind, org=org,
+                org_id=org_id, actor=actor, source=source, method=method, count=n, detail=dict(detail),
+                worker=self.worker, period_start=p_start))
         return out
 
     async def _close_and_write(self) -> None:
         snap = self._snapshot()
-        records = (self._build(snap) if len(snap[3]) + len(snap[4]) < 200
+        records = (self._build(snap) if len(snap[3]) + len(snap[4]) + len(snap[5]) < 200
                    else await trio.to_thread.run_sync(self._build, snap))
         await self._write(records)
 
@@ -222,7 +246,7 @@ class UsageRecorder:
             return 0.0
         return max(0.0, time.time() - self._oldest_unshipped)
 
-    async def _write(self, records: list[UsageRecord]) -> None:
+    async def _write(self, records: list[AnyRecord]) -> None:
         """Append closed records (and any backlog) to the spool; keep them in memory if it is full."""
         async with self._write_lock:
             batch = self._unwritten + records
@@ -258,7 +282,7 @@ class UsageRecorder:
             self._refresh_metrics()
             self._wake.set()
 
-    def _spool_full(self, batch: list[UsageRecord]) -> None:
+    def _spool_full(self, batch: list[AnyRecord]) -> None:
         if not self.spool_full:
             log.error("usage spool full (%d bytes, cap %d): records are kept in memory until the sinks catch up",
                       self._spool.total_bytes() if self._spool else 0, self.spool_max_bytes,
@@ -266,7 +290,7 @@ class UsageRecorder:
         self.spool_full = True
         self._keep(batch)
 
-    def _keep(self, batch: list[UsageRecord]) -> None:
+    def _keep(self, batch: list[AnyRecord]) -> None:
         if len(batch) > self.memory_max_records:
             lost = len(batch) - self.memory_max_records
             self.dropped += lost
@@ -323,7 +347,7 @@ class UsageRecorder:
         self._refresh_metrics()
         return True
 
-    async def _send_all(self, records: list[UsageRecord]) -> bool:
+    async def _send_all(self, records: list[AnyRecord]) -> bool:
         """Send to every sink not yet done with this batch; retried with backoff until all have it."""
         done: set[int] = set()
         while True:

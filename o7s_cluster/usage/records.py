@@ -1,6 +1,9 @@
-"""What a usage record is: one (org, database type, worker, window), with its estimates and a fixed id.
+"""What the recorder ships: usage records (one (org, database type, worker, window), with its estimates),
+audit records and analytics events, each with an id fixed when it is made.
 
-`UsageRecord` is the one type the recorder, the spool and every sink share; nothing here does I/O.
+The three kinds share one spool and one shipper: they are tagged structs (`rk` = usage/audit/analytics),
+so a spool frame holds any mix (`AnyRecord`), and every sink files each kind where it belongs. Nothing here
+does I/O.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import datetime
+from typing import Any, Union
 
 import msgspec
 
@@ -36,7 +40,7 @@ def estimate(query_seconds: float, heavy_seconds: float, tier: str | None) -> tu
     return weighted * vcpu / 3600.0, weighted * gb / 3600.0
 
 
-class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
+class UsageRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="rk", tag="usage"):
     """One (org, database type, worker, window). `id` is fixed at creation: the idempotency key in every sink."""
 
     id: str
@@ -60,6 +64,54 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     vcpu_hours: float = 0.0
     memory_gb_hours: float = 0.0
     tier: str | None = None
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="rk", tag="audit"):
+    """One row of platform.audit_log / document of auditLogs.
+
+    Events of the data plane are aggregated per window: `count` of the same (kind, org, actor, source, method,
+    detail) between `period_start` and `at`. Events made one at a time (the CLI's) have count 1 and no period.
+    """
+
+    id: str
+    at: datetime  # UTC: the window's end, or when the event happened
+    kind: str  # login_ok, login_failed, connection_refused, rate_refused, breaker_trip, admin_call, org_*, tier_*...
+    org: str | None = None  # the org as named (an unknown org of a failed login too)
+    org_id: str | None = None  # None: resolved by name in the sink, when it exists
+    actor: str | None = None  # the user of a login, the OS user of a CLI command
+    source: str | None = None  # client address, admin client address, host of a CLI command
+    method: str | None = None  # password, jwt, apikey (logins); GET/POST (admin calls); cli
+    count: int = 1
+    detail: dict[str, Any] = msgspec.field(default_factory=dict)
+    worker: str | None = None
+    period_start: datetime | None = None
+
+    @property
+    def period_end(self) -> datetime:
+        return self.at
+
+
+class AnalyticsRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="rk", tag="analytics"):
+    """One row of platform.analytics_events / document of analyticsEvents: e.g. an upgrade suggestion."""
+
+    id: str
+    at: datetime
+    kind: str  # upgrade_suggested
+    org: str
+    org_id: str | None = None
+    from_tier: str | None = None
+    suggested_tier: str | None = None  # None: already on the top tier for that limit
+    reason: str = ""  # exceeded_qps_limit, exceeded_connection_limit
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    worker: str | None = None
+    period_start: datetime | None = None
+
+    @property
+    def period_end(self) -> datetime:
+        return self.at
+
+
+AnyRecord = Union[UsageRecord, AuditRecord, AnalyticsRecord]
 
 
 def record_id(worker: str, boot: str, seq: int, org_key: str, db_type: str | None) -> str:

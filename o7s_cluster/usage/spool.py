@@ -1,8 +1,8 @@
-"""A worker's durable spool of usage records: msgpack frames, fsynced, acknowledged as shipped.
+"""A worker's durable spool of records (usage, audit, analytics): msgpack frames, fsynced, acknowledged as shipped.
 
 Spool layout (`spool_dir/<sinks>/<worker>/`; <sinks> is a hash of the sinks' identities, listed in its SINKS file):
   lock                    flock held by the live recorder of this directory (released when it dies)
-  seg-<n>.spool           append-only frames: <u32 length><u32 crc32><msgpack list[UsageRecord]>
+  seg-<n>.spool           append-only frames: <u32 length><u32 crc32><msgpack list[AnyRecord]>
   seg-<n>.ack             text: the byte offset up to which the segment has been shipped (atomic rename)
 A segment is deleted once it is no longer written to and fully acknowledged. A torn last frame (a crash
 mid-write, never fsynced, so never counted as taken) is ignored. Directories whose lock is free (a worker
@@ -24,21 +24,29 @@ from pathlib import Path
 
 import msgspec
 
-from o7s_cluster.usage.records import UsageRecord
+from o7s_cluster.usage.records import AnyRecord, UsageRecord
 
 log = logging.getLogger("o7s.usage")
 
 _ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(list[UsageRecord])
+_DECODER = msgspec.msgpack.Decoder(list[AnyRecord])
+_LEGACY = msgspec.msgpack.Decoder(list[UsageRecord])  # frames spooled before records were tagged
 _HEADER = struct.Struct("<II")
 
 
-def encode_frame(records: Sequence[UsageRecord]) -> bytes:
+def _decode(body: bytes) -> list[AnyRecord]:
+    try:
+        return _DECODER.decode(body)
+    except msgspec.DecodeError:
+        return list(_LEGACY.decode(body))  # no tag: an untagged usage frame of an older version
+
+
+def encode_frame(records: Sequence[AnyRecord]) -> bytes:
     body = _ENCODER.encode(list(records))
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
-def decode_frames(data: bytes, start: int = 0) -> list[tuple[int, int, list[UsageRecord]]]:
+def decode_frames(data: bytes, start: int = 0) -> list[tuple[int, int, list[AnyRecord]]]:
     """(offset, end offset, records) of each whole, valid frame from `start`; stops at a torn/corrupt tail."""
     out = []
     pos = start
@@ -52,7 +60,7 @@ def decode_frames(data: bytes, start: int = 0) -> list[tuple[int, int, list[Usag
         if zlib.crc32(body) != crc:
             break
         try:
-            records = _DECODER.decode(body)
+            records = _decode(body)
         except msgspec.DecodeError:
             break
         out.append((pos, end, records))
@@ -159,9 +167,9 @@ class SpoolDir:
         self.current = None
 
     # -- shipping
-    def read_pending(self, max_records: int) -> list[tuple[Segment, int, list[UsageRecord]]]:
+    def read_pending(self, max_records: int) -> list[tuple[Segment, int, list[AnyRecord]]]:
         """Frames not yet acknowledged, oldest first: (segment, end offset, records), about max_records."""
-        out: list[tuple[Segment, int, list[UsageRecord]]] = []
+        out: list[tuple[Segment, int, list[AnyRecord]]] = []
         count = 0
         for seg in list(self.segments):
             if seg.acked >= seg.size:

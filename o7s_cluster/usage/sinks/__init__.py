@@ -1,2 +1,3 @@
-"""Usage sinks: where the shipper sends spooled usage records. `base.py` has the `Sink` protocol and
-`make_sinks`; `postgres.py` writes `platform.usage_metrics`, `mongo.py` the `usageHistory` collection."""
+"""Sinks: where the shipper sends spooled records. `base.py` has the `Sink` protocol and `make_sinks`;
+`postgres.py` writes `platform.usage_metrics`, `platform.audit_log` and `platform.analytics_events`, `mongo.py`
+the `usageHistory`, `auditLogs` and `analyticsEvents` collections."""

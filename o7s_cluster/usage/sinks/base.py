@@ -6,14 +6,14 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from o7s_cluster.usage.records import UsageRecord
+from o7s_cluster.usage.records import AnyRecord
 
 
 class Sink(Protocol):
     name: str
 
-    async def send(self, records: Sequence[UsageRecord]) -> None:
-        """Store the records idempotently (by id); raise on any failure (the batch is retried)."""
+    async def send(self, records: Sequence[AnyRecord]) -> None:
+        """Store the records idempotently (by id), each kind where it belongs; raise on any failure (retried)."""
 
     async def aclose(self) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The MongoDB sink: the `usageHistory` collection, one document per usage record.
+"""The MongoDB sink: the `usageHistory`, `auditLogs` and `analyticsEvents` collections, one document per record.
 
 `_id` is the record id, so a batch sent twice is a no-op: documents go in with an unordered insert and
 duplicate-key errors (code 11000, "already there") count as success; any other write error fails the batch,
@@ -10,6 +10,10 @@ Document (field names follow the seed's usageHistory):
   {_id, orgId, orgName, databaseType, worker, tier, period: "YYYY-MM", periodStart, periodEnd,
    queryCount, errorCount, throttledCount, refusedCount, bytesIn, bytesOut, rowCount,
    querySeconds, backendSeconds, peakConnections, authFailures, vcpuHours, memoryGBHours}
+  auditLogs: {_id, at, orgId, orgName, kind, actor, source, method, detail, count, worker, periodStart}
+    (indexes (orgName, at), (at), (kind, at))
+  analyticsEvents: {_id, at, kind, orgId, orgName, fromTier, suggestedTier, reason, counts, worker, periodStart}
+    (indexes (orgName, at), (at))
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Any
 
 import trio
 
-from o7s_cluster.usage.records import UsageRecord
+from o7s_cluster.usage.records import AnalyticsRecord, AnyRecord, AuditRecord, UsageRecord
 
 COLLECTION = "usageHistory"
+AUDIT_COLLECTION = "auditLogs"
+ANALYTICS_COLLECTION = "analyticsEvents"
 DUPLICATE_KEY = 11000
 
 
@@ -36,6 +42,33 @@ def to_document(r: UsageRecord) -> dict[str, Any]:
         "querySeconds": r.query_seconds, "backendSeconds": r.backend_seconds,
         "peakConnections": r.peak_connections, "authFailures": r.auth_failures,
         "vcpuHours": r.vcpu_hours, "memoryGBHours": r.memory_gb_hours,
+    }
+
+
+def audit_document(r: AuditRecord) -> dict[str, Any]:
+    return {"_id": r.id, "at": r.at, "orgId": r.org_id, "orgName": r.org, "kind": r.kind, "actor": r.actor,
+            "source": r.source, "method": r.method, "detail": r.detail, "count": r.count, "worker": r.worker,
+            "periodStart": r.period_start}
+
+
+def analytics_document(r: AnalyticsRecord) -> dict[str, Any]:
+    return {"_id": r.id, "at": r.at, "kind": r.kind, "orgId": r.org_id, "orgName": r.org, "fromTier": r.from_tier,
+            "suggestedTier": r.suggested_tier, "reason": r.reason, "counts": r.counts, "worker": r.worker,
+            "periodStart": r.period_start}
+
+
+def _indexes() -> dict[str, list[Any]]:
+    import pymongo
+
+    return {
+        COLLECTION: [pymongo.IndexModel([("orgId", 1), ("period", 1)], name="orgId_period"),
+                     pymongo.IndexModel([("period", 1)], name="period"),
+                     pymongo.IndexModel([("periodStart", 1)], name="periodStart")],
+        AUDIT_COLLECTION: [pymongo.IndexModel([("orgName", 1), ("at", 1)], name="orgName_at"),
+                           pymongo.IndexModel([("at", 1)], name="at"),
+                           pymongo.IndexModel([("kind", 1), ("at", 1)], name="kind_at")],
+        ANALYTICS_COLLECTION: [pymongo.IndexModel([("orgName", 1), ("at", 1)], name="orgName_at"),
+                               pymongo.IndexModel([("at", 1)], name="at")],
     }
 
 
@@ -59,13 +92,13 @@ class MongoSink:
         self.timeout_ms = timeout_ms
         self.client_kwargs = client_kwargs or {}
         self._client: Any = None
-        self._coll: Any = None
-        self._indexed = False
+        self._db: Any = None
+        self._indexed: set[str] = set()
         self._lock = threading.Lock()
         self.batches = 0
 
-    def _collection(self) -> Any:
-        if self._coll is None:
+    def _collection(self, name: str = COLLECTION) -> Any:
+        if self._db is None:
             import pymongo
 
             self._client = pymongo.MongoClient(
@@ -73,42 +106,54 @@ class MongoSink:
                 socketTimeoutMS=max(self.timeout_ms * 4, 10000), appname="o7s-usage", tz_aware=True,
                 **self.client_kwargs,
             )
-            db = (self._client[self.database] if self.database
-                  else self._client.get_default_database(default="o7s"))
-            self._coll = db[COLLECTION]
-        if not self._indexed:
-            import pymongo
+            self._db = (self._client[self.database] if self.database
+                        else self._client.get_default_database(default="o7s"))
+        coll = self._db[name]
+        if name not in self._indexed:
+            coll.create_indexes(_indexes()[name])
+            self._indexed.add(name)
+        return coll
 
-            self._coll.create_indexes([
-                pymongo.IndexModel([("orgId", 1), ("period", 1)], name="orgId_period"),
-                pymongo.IndexModel([("period", 1)], name="period"),
-                pymongo.IndexModel([("periodStart", 1)], name="periodStart"),
-            ])
-            self._indexed = True
-        return self._coll
-
-    def _send(self, records: Sequence[UsageRecord]) -> None:
+    def _insert(self, name: str, docs: list[dict[str, Any]]) -> None:
         from pymongo.errors import BulkWriteError
 
+        try:
+            self._collection(name).insert_many(docs, ordered=False)
+        except BulkWriteError as e:
+            others = [w for w in e.details.get("writeErrors", []) if w.get("code") != DUPLICATE_KEY]
+            if others or e.details.get("writeConcernErrors"):
+                raise
+
+    def _send(self, records: Sequence[AnyRecord]) -> None:
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            if isinstance(r, UsageRecord):
+                by_kind.setdefault(COLLECTION, []).append(to_document(r))
+            elif isinstance(r, AuditRecord):
+                by_kind.setdefault(AUDIT_COLLECTION, []).append(audit_document(r))
+            else:
+                by_kind.setdefault(ANALYTICS_COLLECTION, []).append(analytics_document(r))
         with self._lock:
-            coll = self._collection()
-            try:
-                coll.insert_many([to_document(r) for r in records], ordered=False)
-            except BulkWriteError as e:
-                others = [w for w in e.details.get("writeErrors", []) if w.get("code") != DUPLICATE_KEY]
-                if others or e.details.get("writeConcernErrors"):
-                    raise
+            for name, docs in by_kind.items():
+                self._insert(name, docs)
             self.batches += 1
 
-    async def send(self, records: Sequence[UsageRecord]) -> None:
+    def insert_now(self, records: Sequence[AnyRecord]) -> None:
+        """Blocking: store these records now (the CLI's audit events)."""
+        try:
+            self._send(records)
+        finally:
+            self._close()
+
+    async def send(self, records: Sequence[AnyRecord]) -> None:
         await trio.to_thread.run_sync(self._send, records, abandon_on_cancel=True)
 
     def _close(self) -> None:
         with self._lock:
             if self._client is not None:
                 self._client.close()
-            self._client = self._coll = None
-            self._indexed = False
+            self._client = self._db = None
+            self._indexed = set()
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._close, abandon_on_cancel=True)

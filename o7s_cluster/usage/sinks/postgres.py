@@ -1,4 +1,5 @@
-"""The control-plane Postgres sink: platform.usage_metrics, one row per record, idempotent by id.
+"""The control-plane Postgres sink: platform.usage_metrics, platform.audit_log and platform.analytics_events,
+one row per record, idempotent by id (ON CONFLICT (id) DO NOTHING), one transaction per batch.
 
 psycopg is blocking: every call runs in a worker thread (trio.to_thread). One connection is kept and
 replaced after any error. The org is re-resolved at insert time, so a record of an org deleted meanwhile
@@ -14,8 +15,9 @@ from typing import Any
 
 import psycopg
 import trio
+from psycopg.types.json import Jsonb
 
-from o7s_cluster.usage.records import UsageRecord
+from o7s_cluster.usage.records import AnalyticsRecord, AnyRecord, AuditRecord, UsageRecord
 
 INSERT = """
 INSERT INTO platform.usage_metrics (
@@ -37,6 +39,38 @@ FROM (SELECT %(id)s::uuid AS id, %(org_id)s::uuid AS org_id, %(org_name)s::text 
              %(vcpu_hours)s::float8::numeric AS vh, %(memory_gb_hours)s::float8::numeric AS mh) v
 ON CONFLICT (id) DO NOTHING
 """
+
+
+# the org id as given when that org still exists, else the org of that name (or NULL)
+_ORG = """coalesce((SELECT o.id FROM platform.organizations o WHERE o.id = %(org_id)s::uuid),
+                (SELECT o.id FROM platform.organizations o WHERE o.name = %(org)s::text))"""
+
+INSERT_AUDIT = f"""
+INSERT INTO platform.audit_log (id, at, org, org_id, kind, actor, source, method, detail, count, worker, period_start)
+VALUES (%(id)s::uuid, %(at)s, %(org)s, {_ORG}, %(kind)s, %(actor)s, %(source)s, %(method)s, %(detail)s,
+        %(count)s, %(worker)s, %(period_start)s)
+ON CONFLICT (id) DO NOTHING
+"""
+
+INSERT_ANALYTICS = f"""
+INSERT INTO platform.analytics_events (id, at, kind, org, org_id, from_tier, suggested_tier, reason, counts,
+                                       worker, period_start)
+VALUES (%(id)s::uuid, %(at)s, %(kind)s, %(org)s, {_ORG}, %(from_tier)s, %(suggested_tier)s, %(reason)s,
+        %(counts)s, %(worker)s, %(period_start)s)
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+def audit_params(r: AuditRecord) -> dict[str, Any]:
+    return {"id": r.id, "at": r.at, "org": r.org, "org_id": r.org_id, "kind": r.kind, "actor": r.actor,
+            "source": r.source, "method": r.method, "detail": Jsonb(r.detail), "count": r.count,
+            "worker": r.worker, "period_start": r.period_start}
+
+
+def _analytics_params(r: AnalyticsRecord) -> dict[str, Any]:
+    return {"id": r.id, "at": r.at, "kind": r.kind, "org": r.org, "org_id": r.org_id, "from_tier": r.from_tier,
+            "suggested_tier": r.suggested_tier, "reason": r.reason, "counts": Jsonb(r.counts),
+            "worker": r.worker, "period_start": r.period_start}
 
 
 def _params(r: UsageRecord) -> dict[str, Any]:
@@ -72,15 +106,20 @@ class PostgresSink:
         self._lock = threading.Lock()
         self.batches = 0
 
-    def _send(self, records: Sequence[UsageRecord]) -> None:
+    def _send(self, records: Sequence[AnyRecord]) -> None:
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = psycopg.connect(self.dsn, connect_timeout=self.connect_timeout,
                                                  application_name="o7s-usage")
+                usage = [_params(r) for r in records if isinstance(r, UsageRecord)]
+                audit = [audit_params(r) for r in records if isinstance(r, AuditRecord)]
+                analytics = [_analytics_params(r) for r in records if isinstance(r, AnalyticsRecord)]
                 with self._conn.transaction():
                     with self._conn.cursor() as cur:
-                        cur.executemany(INSERT, [_params(r) for r in records])
+                        for sql, rows in ((INSERT, usage), (INSERT_AUDIT, audit), (INSERT_ANALYTICS, analytics)):
+                            if rows:
+                                cur.executemany(sql, rows)
                 self.batches += 1
             except BaseException:
                 self._close()
@@ -94,7 +133,7 @@ class PostgresSink:
             except Exception:  # noqa: BLE001
                 pass
 
-    async def send(self, records: Sequence[UsageRecord]) -> None:
+    async def send(self, records: Sequence[AnyRecord]) -> None:
         # abandon_on_cancel: a hung server must not hold up cancellation; the lock keeps calls serial
         await trio.to_thread.run_sync(self._send, records, abandon_on_cancel=True)
 
