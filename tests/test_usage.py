@@ -97,7 +97,8 @@ def test_metrics_and_usage_read_the_same_counters(tmp_path):
     for i in range(7):
         c.query_done(0.001, 1, i != 3)
     c.refused += 2
-    (r1,) = rec._close_window()
+    r1, refusals = rec._close_window()  # the refusals are also an audit row (rate_refused, count 2)
+    assert isinstance(refusals, AuditRecord) and (refusals.kind, refusals.count) == ("rate_refused", 2)
     for _ in range(3):
         c.query_done(0.001, 1, True)
     (r2,) = rec._close_window()
