@@ -42,8 +42,9 @@ HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing m
 
 
 class _Outbox:
-    """One direction's send: whoever finds it idle sends everything queued, including what the other
-    task adds meanwhile; the other task only waits when too much is queued."""
+    """One direction's send, shared by the session's task and its backend's pump task: whichever finds
+    it idle sends everything queued, including what the other adds meanwhile; the other only waits when
+    too much is queued."""
 
     __slots__ = ("busy", "lot")
 
