@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from o7s_cluster.cli.common import add_command, platform_dsn, print_json
+from o7s_cluster.cli.common import add_command, audit, platform_dsn, print_json
 from o7s_cluster.control_plane.apikeys import KeyAdmin, KeyInfo, parse_expiry
 
 
@@ -24,6 +24,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     expires = parse_expiry(args.expires) if args.expires else None
     key, info = KeyAdmin(platform_dsn(args)).create_key(args.org, args.name, expires)
     print(key)  # the only time it is shown: only its hash is stored
+    audit(args, "apikey_created", args.org, name=info.name, prefix=info.prefix,
+          expires_at=info.expires_at.isoformat() if info.expires_at else None)
     print(f"created API key {info.name} (prefix {info.prefix}) for org {args.org}"
           f"{', expires ' + _when(info.expires_at) if info.expires_at else ''}; it is not shown again."
           f" Log in as user token.{args.org} with the key as the password.", file=sys.stderr)
@@ -46,6 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     info = KeyAdmin(platform_dsn(args)).revoke_key(args.org, args.key)
     print(f"revoked API key {info.name} (prefix {info.prefix}) of org {args.org}")
+    audit(args, "apikey_revoked", args.org, name=info.name, prefix=info.prefix)
     redis_url = os.environ.get("O7S_REDIS_URL") or os.environ.get("REDIS_URL")
     if redis_url:  # every worker drops its cached keys now, not at the end of its cache time
         from o7s_cluster.limits.tiers import publish_tier_change

@@ -11,6 +11,17 @@ from typing import Any, NoReturn
 from o7s_cluster.control_plane.vault import Vault
 
 
+def audit(args: argparse.Namespace, kind: str, org: str | None, **detail: Any) -> None:
+    """Write the audit row of a change this command made (a warning on stderr if it could not be written)."""
+    import sys
+
+    from o7s_cluster.control_plane.audit import cli_event, write_event
+
+    warning = write_event(platform_dsn(args), cli_event(kind, org, detail))
+    if warning:
+        print(f"o7s: warning: {warning}", file=sys.stderr)
+
+
 class UsageError(Exception):
     """Bad invocation: exit 2."""
 

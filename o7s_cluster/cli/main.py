@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from o7s_cluster import __version__
-from o7s_cluster.cli import apikey, ctl, org, serve, tier, usage
+from o7s_cluster.cli import apikey, audit, ctl, org, serve, tier, usage
 from o7s_cluster.cli.common import CommandError, Parser, UsageError
 from o7s_cluster.config import ConfigError
 from o7s_cluster.control_plane.db import CatalogError
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub, common)
     ctl.register(sub, common)  # `o7s ctl ...`: the admin port's client
     usage.register(sub, common)  # `o7s usage ORG`, `o7s bill --period`
+    audit.register(sub, common)  # `o7s audit [ORG]`
     return p
 
 

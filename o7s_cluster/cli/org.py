@@ -9,8 +9,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from o7s_cluster.cli.common import UsageError, add_command, open_vault, platform_dsn, print_json
-from o7s_cluster.control_plane.db import DB_TYPES
+from o7s_cluster.cli.common import UsageError, add_command, audit, open_vault, platform_dsn, print_json
+from o7s_cluster.control_plane.db import DB_TYPES, CatalogError
 from o7s_cluster.control_plane.migrate import migrate
 from o7s_cluster.control_plane.orgs import Admin
 from o7s_cluster.control_plane.vault import generate_key
@@ -50,6 +50,7 @@ def cmd_org_create(args: argparse.Namespace) -> int:
     password = _password(args)
     admin.create_org(args.org, args.tier, args.backend, args.type, password, vault, db_name=args.db_name)
     print(f"created org {args.org} (tier {args.tier})")
+    audit(args, "org_created", args.org, tier=args.tier, database_type=args.type)
     return 0
 
 
@@ -57,13 +58,19 @@ def cmd_org_add_db(args: argparse.Namespace) -> int:
     admin, vault = Admin(platform_dsn(args)), open_vault()
     name = admin.add_db(args.org, args.dsn, args.type, vault, db_name=args.db_name)
     print(f"added database {name} to org {args.org}")
+    audit(args, "org_db_added", args.org, db_name=name, database_type=args.type)
     return 0
 
 
 def cmd_org_set_tier(args: argparse.Namespace) -> int:
     admin = Admin(platform_dsn(args))
+    try:
+        before = admin.show_org(args.org).tier
+    except CatalogError:  # set_tier says what is wrong (an unknown tier first)
+        before = None
     admin.set_tier(args.org, args.tier)
     print(f"org {args.org} is now on tier {args.tier}")
+    audit(args, "org_tier_changed", args.org, from_tier=before, to_tier=args.tier)
     redis_url = os.environ.get("O7S_REDIS_URL") or os.environ.get("REDIS_URL")
     if redis_url:  # every worker of every machine applies it within a second (issue 4)
         from o7s_cluster.redisconn import REDIS_ERRORS
@@ -81,6 +88,7 @@ def cmd_org_passwd(args: argparse.Namespace) -> int:
     admin = Admin(platform_dsn(args))
     admin.set_password(args.org, _password(args))
     print(f"password of org {args.org} changed")
+    audit(args, "org_password_changed", args.org)
     return 0
 
 
@@ -118,6 +126,7 @@ def cmd_org_show(args: argparse.Namespace) -> int:
 def cmd_org_delete(args: argparse.Namespace) -> int:
     Admin(platform_dsn(args)).delete_org(args.org)
     print(f"deleted org {args.org}")
+    audit(args, "org_deleted", args.org)
     return 0
 
 

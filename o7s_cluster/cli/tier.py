@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from o7s_cluster.cli.common import add_command, platform_dsn, print_json
+from o7s_cluster.cli.common import add_command, audit, platform_dsn, print_json
 from o7s_cluster.control_plane.tiers import COLUMNS, TierAdmin, TierInfo
 
 _LIST_COLS = ("tier", "rank", "max_connections", "max_qps", "pool_size", "max_query_wait_ms", "statement_timeout_ms",
@@ -72,6 +72,7 @@ def cmd_tier_create(args: argparse.Namespace) -> int:
     admin = TierAdmin(platform_dsn(args))
     t = admin.create_tier(args.tier, _values(args), like=args.like)
     print(f"created tier {t.name} (rank {t.values['rank']})")
+    audit(args, "tier_created", None, tier=t.name, like=args.like, **{k: str(v) for k, v in _values(args).items()})
     _tell_workers({})  # the tier table (hints name the next tier up) changed
     return 0
 
@@ -80,6 +81,7 @@ def cmd_tier_set(args: argparse.Namespace) -> int:
     admin = TierAdmin(platform_dsn(args))
     t, orgs = admin.set_tier_values(args.tier, _values(args))
     print(f"tier {t.name} changed ({len(orgs)} org(s) on it)")
+    audit(args, "tier_changed", None, tier=t.name, orgs=len(orgs), **{k: str(v) for k, v in _values(args).items()})
     limits = t.limits()
     _tell_workers({o: limits for o in orgs})
     return 0
@@ -88,6 +90,7 @@ def cmd_tier_set(args: argparse.Namespace) -> int:
 def cmd_tier_delete(args: argparse.Namespace) -> int:
     TierAdmin(platform_dsn(args)).delete_tier(args.tier)
     print(f"deleted tier {args.tier}")
+    audit(args, "tier_deleted", None, tier=args.tier)
     _tell_workers({})
     return 0
 
