@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from o7s_cluster import __version__
-from o7s_cluster.cli import apikey, audit, ctl, org, serve, tier, usage
+from o7s_cluster.cli import advise, apikey, audit, ctl, org, serve, tier, usage
 from o7s_cluster.cli.common import CommandError, Parser, UsageError
 from o7s_cluster.config import ConfigError
 from o7s_cluster.control_plane.db import CatalogError
@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="o7s", parents=[common], description="O7s: a multi-tenant PostgreSQL-wire proxy.")
     p.add_argument("--version", action="version", version=f"o7s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    apikey.register(org.register(sub, common), common)  # migrate, keygen, org ... (and org apikey ...)
+    org_sub = org.register(sub, common)  # migrate, keygen, org ...
+    apikey.register(org_sub, common)  # org apikey ...
+    advise.register(org_sub, common)  # org advise
     tier.register(sub, common)  # tier list|show|create|set|delete
     serve.register(sub, common)
     ctl.register(sub, common)  # `o7s ctl ...`: the admin port's client

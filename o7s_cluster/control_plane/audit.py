@@ -92,3 +92,36 @@ def query(dsn: str, org: str | None, since: datetime | None, until: datetime | N
         except psycopg.errors.UndefinedTable:
             raise CatalogError("platform.audit_log does not exist: run `o7s migrate`") from None
     return [AuditRow(*r) for r in reversed(rows)]
+
+
+@dataclass(frozen=True)
+class Advice:
+    org: str
+    tier: str
+    suggested_tier: str | None
+    reason: str
+    windows: int  # upgrade_suggested events (one per window and worker over the threshold)
+    counts: dict[str, int]  # summed
+    first: datetime
+    last: datetime
+
+
+def advise(dsn: str, since: datetime) -> list[Advice]:
+    """Orgs with upgrade suggestions since `since`, still on the tier the events were made for."""
+    sql = ("SELECT e.org, o.tier, e.suggested_tier, e.reason, e.counts, e.at FROM platform.analytics_events e"
+           " JOIN platform.organizations o ON o.id = e.org_id AND o.tier = e.from_tier"
+           " WHERE e.kind = 'upgrade_suggested' AND e.at >= %s ORDER BY e.at")
+    with connect(dsn) as conn:
+        try:
+            rows = conn.execute(sql, (since,)).fetchall()
+        except psycopg.errors.UndefinedTable:
+            raise CatalogError("platform.analytics_events does not exist: run `o7s migrate`") from None
+    groups: dict[tuple[str, str], Advice] = {}
+    for org, tier, suggested, reason, counts, at in rows:
+        a = groups.get((org, reason))
+        summed = dict(a.counts) if a else {}
+        for k, v in counts.items():
+            summed[k] = summed.get(k, 0) + int(v)
+        groups[(org, reason)] = Advice(org, tier, suggested, reason, (a.windows if a else 0) + 1, summed,
+                                       a.first if a else at, at)
+    return sorted(groups.values(), key=lambda a: (-a.windows, a.org, a.reason))

@@ -15,7 +15,7 @@ import random
 import secrets
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from o7s_cluster.usage import advice
 from o7s_cluster.usage.audit import RATE_REFUSED, AuditBuffer
 from o7s_cluster.usage.counters import CounterBook, OrgCounters
 from o7s_cluster.usage.records import AnyRecord, AuditRecord, UsageRecord, estimate, record_id
@@ -68,6 +69,7 @@ class UsageRecorder:
         self._last: dict[OrgCounters, tuple] = {}  # what each counters object showed when the last window closed
         self._auth: dict[str, int] = {}
         self.audit = AuditBuffer()  # the hot path's audit events (logins, refusals, trips, admin calls)
+        self.tiers: Callable[[], Awaitable[list[Any]]] | None = None  # the tier table, for upgrade advice
         self._boot = secrets.token_hex(8)  # this incarnation: ids never collide with a previous run's
         self._seq = 0
         self._window_start = time.time()
@@ -186,7 +188,24 @@ class UsageRecorder:
         snap = self._snapshot()
         records = (self._build(snap) if len(snap[3]) + len(snap[4]) + len(snap[5]) < 200
                    else await trio.to_thread.run_sync(self._build, snap))
+        records.extend(await self._advice(snap))
         await self._write(records)
+
+    async def _advice(self, snap: tuple) -> list[AnyRecord]:
+        """Upgrade suggestions for the orgs that kept hitting their ceilings in this window (advice.py)."""
+        found = advice.candidates(snap[3], snap[5])
+        if not found:
+            return []
+        tiers: list[Any] = []
+        if self.tiers is not None:
+            try:
+                tiers = await self.tiers()
+            except Exception as e:  # noqa: BLE001 - the event still says what happened, without a suggestion
+                log.warning("upgrade advice: no tier table (%s)", type(e).__name__, extra={"worker": self.worker})
+        seq, start, now = snap[0], snap[1], snap[2]
+        return advice.records(found, tiers, lambda key: record_id(self.worker, self._boot, seq, key, None),
+                              self.worker, datetime.fromtimestamp(start, timezone.utc),
+                              datetime.fromtimestamp(now, timezone.utc))
 
     def _next_boundary(self, now: float) -> float:
         return (math.floor(now / self.window) + 1) * self.window

@@ -79,6 +79,7 @@ class Worker:
                                               worker_index=self.index, router=self.router)
                 self.router.metrics = server.metrics
                 usage.metrics = server.metrics
+                usage.tiers = limits.tier_cache.tiers  # upgrade advice names the next tier up
                 await nursery.start(limits.run)
                 nursery.start_soon(usage.run)
                 if settings.redis_url and server.remote_cancel is None:
