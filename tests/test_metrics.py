@@ -133,6 +133,36 @@ def _workers() -> list[WorkerMetrics]:
     return ws
 
 
+def test_redis_figures_kept_apart_and_carried() -> None:
+    """An org's Redis entry (database type redis) is summed into its figures and also shown alone, across
+    workers, in the o7s_redis_* families and /v1/orgs, and survives a worker's death in the carry."""
+    ws = [WorkerMetrics(i, 200 + i) for i in range(2)]
+    for i, w in enumerate(ws):
+        w.org("acme", "pro").queries = 100
+        r = w.org("acme", "pro", "redis")
+        r.queries, r.errors, r.throttled, r.refused, r.bytes_in, r.bytes_out = 10 + i, 1, 2, 3, 40, 50
+        r.client_connections = 1
+    (o,) = aggregate([w.snapshot() for w in ws])["orgs"]
+    assert o["queries"] == 221 and o["redis_queries"] == 21 and o["redis_refused"] == 6
+    assert o["redis_client_connections"] == 2
+    text = render_prometheus([w.snapshot() for w in ws], cluster={}).decode()
+    assert 'o7s_redis_commands_total{org="acme",tier="pro"} 21.0' in text
+    assert 'o7s_redis_bytes_sent_total{org="acme",tier="pro"} 100.0' in text
+    assert 'o7s_queries_total{org="acme",tier="pro"} 221.0' in text
+    from o7s_cluster.admin.http import org_figures
+
+    fig = org_figures("acme", [w.snapshot() for w in ws], [])
+    assert fig["redis"] == {"client_connections": 2, "commands": 21, "errors": 2, "throttled": 4, "refused": 6,
+                            "bytes_in": 80, "bytes_out": 100}
+    carry = CounterCarry()
+    carry.update([w.snapshot() for w in ws])
+    after = carry.update([ws[0].snapshot()])  # worker 1 is gone: its counters are carried, not its gauges
+    fig = org_figures("acme", after, [])
+    assert fig["redis"]["commands"] == 21 and fig["redis"]["client_connections"] == 1
+    assert 'o7s_redis_commands_total{org="acme",tier="pro"} 21.0' in render_prometheus(after, cluster={}).decode()
+    assert org_figures("acme", [WorkerMetrics(9, 9).snapshot()] + [ws[0].snapshot()], [])["redis"] is not None
+
+
 def test_aggregate_sums_over_workers() -> None:
     total = aggregate([w.snapshot() for w in _workers()])
     assert total["workers"] == 3

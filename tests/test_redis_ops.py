@@ -11,6 +11,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -137,7 +138,8 @@ def test_usage_records_of_redis_reach_usage_and_bill(migrated, platform_dsn, mak
     with psycopg.connect(platform_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM platform.usage_metrics WHERE org_name = ANY(%s)", (list(orgs),))
     env = dict(migrated, O7S_SPOOL_DIR=str(tmp_path / "spool"), O7S_USAGE_WINDOW="0.5")
-    p, port = serve_redis(env, tmp_path)
+    admin = free_port()
+    p, port = serve_redis(env, tmp_path, "--admin", f"127.0.0.1:{admin}")
     want = {"ruse_a": (30, 4), "ruse_b": (12, 1)}  # commands that reach the backend, of which errors
     try:
         for name, (n, errs) in want.items():
@@ -149,6 +151,19 @@ def test_usage_records_of_redis_reach_usage_and_bill(migrated, platform_dsn, mak
                 with pytest.raises(redis.ResponseError, match="not an integer"):
                     c.incr("s")
             c.close()
+        # the admin port shows the same figures, the Redis part apart
+        held = client(port, orgs["ruse_b"])
+        held.ping()
+        fig = httpx.get(f"http://127.0.0.1:{admin}/v1/orgs/ruse_a", timeout=10).json()
+        assert fig["redis"]["commands"] == 30 and fig["redis"]["errors"] == 4
+        assert fig["redis"]["bytes_in"] > 0 and fig["redis"]["bytes_out"] > 0 and fig["redis"]["refused"] == 0
+        assert fig["totals"]["queries"] == 30  # this org has used no Postgres here
+        assert httpx.get(f"http://127.0.0.1:{admin}/v1/orgs/ruse_b", timeout=10).json()["redis"][
+            "client_connections"] == 1
+        metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+        assert 'o7s_redis_commands_total{org="ruse_a",tier="pro"} 30.0' in metrics
+        assert 'o7s_redis_errors_total{org="ruse_b",tier="pro"} 1.0' in metrics
+        held.close()
         deadline = time.monotonic() + 30
         while redis_totals(platform_dsn, list(orgs)) != want:
             assert time.monotonic() < deadline, redis_totals(platform_dsn, list(orgs))

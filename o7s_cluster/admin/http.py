@@ -53,6 +53,7 @@ from o7s_cluster.admin.metrics import (
     CounterCarry,
     LabelBudget,
     POOL_GAUGES,
+    REDIS_FIELDS,
     DEFAULT_MAX_ORG_LABELS,
     render_prometheus,
 )
@@ -406,7 +407,11 @@ def org_figures(name: str, snapshots: list[Mapping[str, Any]], workers: list[Map
     counts = [0] * (len(LATENCY_BUCKETS) + 1)
     pool: dict[str, int] = {}
     per_worker: dict[int, dict[str, Any]] = {}
+    redis = {k: 0 for k in REDIS_FIELDS}
     for snap, o in entries:
+        is_redis = o.get("db_type") == "redis"
+        for k in REDIS_FIELDS:
+            redis[k] += o.get(k, 0) if is_redis else o.get("redis_" + k, 0)
         t = tiers.setdefault(o.get("tier", "unknown"), [0, 0])
         t[0] += o.get("client_connections", 0)
         t[1] += o.get("queries", 0)
@@ -446,6 +451,11 @@ def org_figures(name: str, snapshots: list[Mapping[str, Any]], workers: list[Map
         },
         "throttled": totals["throttled"],
         "refused": totals["refused"],
+        # the Redis part of the figures above (database type redis); None when the org has used no Redis
+        "redis": ({"client_connections": redis["client_connections"], "commands": redis["queries"],
+                   "errors": redis["errors"], "throttled": redis["throttled"], "refused": redis["refused"],
+                   "bytes_in": redis["bytes_in"], "bytes_out": redis["bytes_out"]}
+                  if any(redis.values()) else None),
         "latency_ms": {
             "count": n,
             "mean": round(lat_sum / n * 1000, 3) if n else None,

@@ -80,6 +80,9 @@ ORG_COUNTERS = (
 )
 ORG_GAUGES = ("client_connections", "backend_connections")
 POOL_GAUGES = ("pool_in_use", "pool_idle", "pool_waiting")  # optional, from WorkerMetrics.pool_state
+# An org's Redis figures (database type redis, issue 12), also kept apart as `redis_<field>` in aggregated
+# entries: the per-org families sum every database type, the o7s_redis_* families show Redis alone.
+REDIS_FIELDS = ("client_connections", "queries", "errors", "throttled", "refused", "bytes_in", "bytes_out")
 WORKER_COUNTERS = ("handoffs_out", "cancels_forwarded", "sessions_total", "auth_failures", "protocol_errors",
                    "logins_blocked", "login_blocks")
 WORKER_GAUGES = ("limits_degraded", "usage_spool_bytes", "usage_shipping_lag_seconds")
@@ -181,6 +184,8 @@ def _empty_org(org: str, tier: str) -> dict[str, Any]:
     for name in (*ORG_GAUGES, *ORG_COUNTERS):
         d[name] = 0
     d["pool_wait_seconds"] = 0.0
+    for name in REDIS_FIELDS:
+        d["redis_" + name] = 0
     d["latency_counts"] = [0] * _NBUCKETS
     d["latency_sum"] = 0.0
     return d
@@ -190,6 +195,10 @@ def _add_org(into: dict[str, Any], src: Mapping[str, Any], *, gauges: bool = Tru
     names = (*ORG_GAUGES, *ORG_COUNTERS) if gauges else ORG_COUNTERS
     for name in names:
         into[name] += src.get(name, 0)
+    redis = src.get("db_type") == "redis"  # a worker's Redis entry, or an aggregate that kept them apart
+    for name in REDIS_FIELDS:
+        if gauges or name != "client_connections":
+            into["redis_" + name] += src.get(name, 0) if redis else src.get("redis_" + name, 0)
     counts = src.get("latency_counts")
     if counts:
         acc = into["latency_counts"]
@@ -364,6 +373,16 @@ _ORG_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
      "pool_wait_seconds"),
     ("o7s_handoffs", "counter", "Connections handed to the org's home worker by another worker.", "handoffs_in"),
 )
+# name -> (kind, help, source field): the org's Redis figures alone (also counted in the families above).
+_REDIS_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    ("o7s_redis_client_connections", "gauge", "Redis client connections open now.", "redis_client_connections"),
+    ("o7s_redis_commands", "counter", "Redis commands answered by the backend.", "redis_queries"),
+    ("o7s_redis_errors", "counter", "Redis commands that got an error reply.", "redis_errors"),
+    ("o7s_redis_throttled", "counter", "Redis commands that waited for a rate-limit token.", "redis_throttled"),
+    ("o7s_redis_refused", "counter", "Redis commands refused by the rate limiter.", "redis_refused"),
+    ("o7s_redis_bytes_received", "counter", "Bytes received from Redis clients.", "redis_bytes_in"),
+    ("o7s_redis_bytes_sent", "counter", "Bytes sent to Redis clients.", "redis_bytes_out"),
+)
 _WORKER_COUNTER_FAMILIES = (
     ("o7s_handoffs_sent", "Connections a worker accepted and handed to another worker (all orgs).",
      "handoffs_out"),
@@ -394,6 +413,12 @@ class _SnapshotCollector:
         for name, kind, doc, field in _ORG_FAMILIES:
             fam: Any = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=labels)
             for o in orgs:
+                fam.add_metric([o["org"], o["tier"]], o[field])
+            yield fam
+        with_redis = [o for o in orgs if any(o["redis_" + f] for f in REDIS_FIELDS)]
+        for name, kind, doc, field in _REDIS_FAMILIES:
+            fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=labels)
+            for o in with_redis:
                 fam.add_metric([o["org"], o["tier"]], o[field])
             yield fam
 
