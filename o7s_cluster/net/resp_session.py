@@ -9,6 +9,7 @@ RESET), read by a second task so that messages flow while the client is idle.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import logging
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from o7s_cluster.auth.apikeys import check_key, key_prefix as api_key_prefix, looks_like_key
+from o7s_cluster.auth.tokens import TokenRejected
 from o7s_cluster.limits.errors import LimitError
-from o7s_cluster.net.login import audit_trip
+from o7s_cluster.net.login import TOKEN_USER, audit_trip
 from o7s_cluster.net.resp_backend import RedisBackendError, RedisConn, RedisPool, error_reply
 from o7s_cluster.pgwire.scram import check_password
 from o7s_cluster.resp import codec
@@ -61,6 +64,18 @@ _ids = itertools.count(1)
 def key_prefix(org_id: str) -> bytes:
     """Every key and channel of an org lives under this prefix on a shared backend."""
     return b"o7s:" + org_id.encode() + b":"
+
+
+class _ControlPlaneDown(Exception):
+    """The control plane could not be asked about an API key."""
+
+
+async def _touch_key(server: Server, key_id: str) -> None:
+    """An API key's last use (bookkeeping, in the background: never fails a login)."""
+    try:
+        await server.catalog.touch_api_key(key_id)
+    except Exception as exc:
+        log.warning("could not record an API key's use", extra={"error": type(exc).__name__})
 
 
 class _Stop(Exception):
@@ -459,6 +474,32 @@ class RespClient:
 
     # --- login -------------------------------------------------------------------------------------
 
+    async def _token_ok(self, method: str, token: str, org: str, login: OrgLogin | None) -> bool:
+        """A JWT or API key of `org` (the checks of net/login.py); why one fails goes to the log only."""
+        server = self.server
+        try:
+            if method == "apikey":
+                try:
+                    stored = await server.catalog.api_key(api_key_prefix(token) or "")
+                except Exception:
+                    log.exception("control plane lookup failed", extra={"org": org})
+                    raise _ControlPlaneDown from None
+                reason = check_key(token, stored, login.org_id if login else None,
+                                   datetime.datetime.now(datetime.timezone.utc))
+                if reason is not None:
+                    raise TokenRejected(reason)
+                server.nursery.start_soon(_touch_key, server, stored.id)
+            else:
+                if not server.jwt.enabled:
+                    raise TokenRejected("JWT logins are not configured")
+                server.jwt.verify(token, org)  # a role claim has no meaning for Redis
+                if login is None:
+                    raise TokenRejected("no such org")
+        except TokenRejected as exc:
+            log.info("token login refused", extra={"org": org, "method": method, "reason": exc.reason})
+            return False
+        return True
+
     async def _log_in(self, step: Login) -> bytes:
         server = self.server
         user = step.user.decode("utf-8", "replace")
@@ -482,19 +523,30 @@ class RespClient:
             password = step.password.decode("utf-8")
         except UnicodeDecodeError:
             password = None
-        ok = password is not None and await trio.to_thread.run_sync(
-            check_password, login.verifier if login else None, password)
+        method = "password"
+        if wanted_db == TOKEN_USER:  # AUTH token.ORG <jwt-or-api-key>, as for Postgres: on TLS unless allowed
+            if not isinstance(self.stream, trio.SSLStream) and not self.settings.token_login_plaintext:
+                return codec.error(f'ERR O7s: token logins (user "{TOKEN_USER}.ORG") need TLS (rediss://)')
+            wanted_db = ""
+            method = "apikey" if password and looks_like_key(password) else "jwt"
+            try:
+                ok = password is not None and await self._token_ok(method, password, org, login)
+            except _ControlPlaneDown:
+                return codec.error("ERR O7s cannot reach its control plane to authenticate you; try again shortly")
+        else:
+            ok = password is not None and await trio.to_thread.run_sync(
+                check_password, login.verifier if login else None, password)
         if not ok or login is None:
             server.metrics.auth_failures += 1
             server.usage.auth_failure(org)
-            server.usage.audit.login(False, org, user, address, "password")
+            server.usage.audit.login(False, org, user, address, method)
             with trio.CancelScope(shield=True):
                 trip = await guard.failed(org, address)
                 if trip is not None:
                     server.metrics.login_blocks += 1
                     audit_trip(server, trip)
             return WRONGPASS
-        server.usage.audit.login(True, login.name, user, address, "password", login.org_id)
+        server.usage.audit.login(True, login.name, user, address, method, login.org_id)
         if self.login is not None:  # a second AUTH on a logged-in connection: same org only
             return self.core.logged_in(step, login.name, self.core.ns)  # type: ignore[arg-type]
         try:
