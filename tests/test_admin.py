@@ -279,6 +279,23 @@ async def test_org_figures_and_qps(admin: Admin, view: InProcessCluster) -> None
     assert doc["home_worker"] == 1 and doc["pool"] is None and doc["tier"] == "free"
 
 
+async def test_every_org_at_once_matches_each_org(admin: Admin, view: InProcessCluster) -> None:
+    """/v1/orgs (what the dashboard polls) gives every org as /v1/orgs/{org} does, with rates."""
+    await admin.get("/v1/orgs/acme")  # a sample old enough for rates from now on
+    await trio.sleep(0.35)
+    view.metrics[0].org("acme", "pro").queries += 30
+    r = await admin.get("/v1/orgs")
+    assert r.status_code == 200
+    doc = r.json()
+    by_name = {o["org"]: o for o in doc["orgs"]}
+    assert sorted(by_name) == ["acme", "globex"] and doc["count"] == 2
+    assert by_name["acme"]["totals"]["queries"] == 70 and by_name["acme"]["qps"] > 0
+    assert by_name["globex"]["tier"] == "free" and by_name["globex"]["qps"] == 0.0
+    one = (await admin.get("/v1/orgs/globex")).json()
+    for key in ("tier", "home_worker", "client_connections", "totals", "latency_ms", "workers"):
+        assert by_name["globex"][key] == one[key], key
+
+
 async def test_unknown_org_is_404(admin: Admin) -> None:
     r = await admin.get("/v1/orgs/initech")
     assert r.status_code == 404

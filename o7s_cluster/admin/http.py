@@ -6,8 +6,10 @@ Endpoints (JSON is orjson; errors are ``{"error": "..."}``)::
     GET  /ready           200 / 503, {"ready": bool, ...the view's reasons...}
     GET  /metrics         Prometheus text format 0.0.4, aggregated over all workers (see metrics.py)
     GET  /v1/cluster      workers: index, pid, state, started_at, the orgs each one holds (+ live connections)
+    GET  /v1/orgs         every org the workers have seen, each as /v1/orgs/{org} gives it
     GET  /v1/orgs/{org}   live connections, qps and other rates, totals, latency, pool state; 404 if never seen
     POST /v1/workers      {"count": N} with 1 <= N <= 64: scale the cluster; 200 with the new state, 400 on bad input
+    GET  /dashboard       the live dashboard (admin/dashboard/: its login, cookie and JSON reads are described there)
 
 Every call but /health, /ready and /metrics is audited (``admin_call`` rows of platform.audit_log, counted per
 window by the supervisor's recorder: method, path, status, client address).
@@ -33,11 +35,10 @@ first ``/v1/orgs`` call after a quiet spell takes up to a second and later ones 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -47,13 +48,12 @@ import trio
 
 from o7s_cluster.config import parse_listen
 from o7s_cluster.usage.audit import ADMIN_CALL, AuditBuffer
+from o7s_cluster.admin.dashboard import PRIVATE_PREFIX, Dashboard, bearer_ok, cookie_ok
+from o7s_cluster.admin.figures import fill_orgs, all_org_figures, org_figures
 from o7s_cluster.admin.metrics import (
     CONTENT_TYPE,
-    LATENCY_BUCKETS,
     CounterCarry,
     LabelBudget,
-    POOL_GAUGES,
-    REDIS_FIELDS,
     DEFAULT_MAX_ORG_LABELS,
     render_prometheus,
 )
@@ -66,7 +66,6 @@ _RATE_FIELDS = ("queries", "errors", "throttled", "refused")
 OPEN_PATHS = frozenset(("/health", "/ready"))  # never need a token: probes
 UNAUDITED_PATHS = OPEN_PATHS | {"/metrics"}  # probes and scrapes are not admin actions
 _READ_METHODS = frozenset(("GET", "HEAD"))
-_BEARER = b"bearer "
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="o7s-admin"')]
 
 
@@ -118,9 +117,11 @@ class AdminApp:
     def __init__(self, view: ClusterView, *, max_org_labels: int = DEFAULT_MAX_ORG_LABELS,
                  gather_timeout: float = 5.0, ready_timeout: float = 5.0, rate_interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
-                 auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth(), audit: AuditBuffer | None = None) -> None:
+                 auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth(), audit: AuditBuffer | None = None,
+                 platform_dsn: Callable[[], str | None] | None = None) -> None:
         self.view = view
         self.audit = audit  # every call but probes and scrapes is counted here (usage/audit.py)
+        self.dashboard = Dashboard(platform_dsn)
         self._auth = auth
         self.auth_failures = 0  # requests refused for a missing or wrong token
         self.gather_timeout = gather_timeout
@@ -137,6 +138,9 @@ class AdminApp:
             ("GET", "/ready"): self.ready,
             ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/cluster"): self.cluster,
+            ("GET", "/v1/orgs"): self.orgs,
+            ("GET", "/v1/dashboard/account"): self.dashboard.account,
+            ("GET", "/v1/dashboard/audit"): self.dashboard.audit,
             ("POST", "/v1/workers"): self.set_workers,
         }
 
@@ -156,8 +160,14 @@ class AdminApp:
         method = scope["method"]
         head = method == "HEAD"
         try:
-            self._authorize(method, scope["path"], scope.get("headers") or (), scope.get("client"))
-            status, headers, body = await self._dispatch("GET" if head else method, scope["path"], receive)
+            path = scope["path"]
+            if path == "/dashboard" or path.startswith("/dashboard/"):  # checks the token itself (cookie)
+                status, headers, body = await self.dashboard.page(
+                    "GET" if head else method, path, scope.get("query_string", b""), scope.get("headers") or (),
+                    receive, self._current_auth().token)
+            else:
+                self._authorize(method, path, scope.get("headers") or (), scope.get("client"))
+                status, headers, body = await self._dispatch("GET" if head else method, path, receive)
         except HTTPError as e:
             status, headers, body = e.status, [(b"content-type", b"application/json"), *e.headers], \
                 orjson.dumps({"error": e.message})
@@ -165,7 +175,7 @@ class AdminApp:
             log.exception("admin request failed", extra={"path": scope["path"], "method": method})
             status, headers, body = 500, [(b"content-type", b"application/json")], \
                 orjson.dumps({"error": "internal error (see the supervisor's log)"})
-        if self.audit is not None:
+        if self.audit is not None and not self._dashboard_poll(method, scope):
             self._audit(method, scope["path"], status, scope.get("client"))
         headers = [*headers, (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -184,26 +194,35 @@ class AdminApp:
         self.audit.add(ADMIN_CALL, org, source=client[0] if client else None, method=method[:16],
                        detail={"path": path, "status": status})
 
+    def _dashboard_poll(self, method: str, scope: dict) -> bool:
+        """An open dashboard's reads (its static files, and GETs carrying its session cookie) are not admin
+        actions: auditing them would add rows every window for every screen. Its logins are audited."""
+        path = scope["path"]
+        if path.startswith("/dashboard/") and path != "/dashboard/login":
+            return True
+        token = self._current_auth().token
+        return method in _READ_METHODS and token is not None and cookie_ok(scope.get("headers") or (), token)
+
+    def _current_auth(self) -> AdminAuth:
+        return self._auth() if callable(self._auth) else self._auth
+
     def _authorize(self, method: str, path: str, headers: Any, client: Any) -> None:
         """Refuse (401/403) before routing, so an unauthenticated client learns nothing of the routes."""
         if len(path) > 1 and path.endswith("/"):
             path = path.rstrip("/")
         if path in OPEN_PATHS:
             return
-        auth = self._auth() if callable(self._auth) else self._auth
+        auth = self._current_auth()
         write = method not in _READ_METHODS
-        if not write and not auth.reads:
+        private = path.startswith(PRIVATE_PREFIX)  # the dashboard's billing and audit reads
+        if not write and not auth.reads and not private:
             return
         if auth.token is None:
-            raise HTTPError(403, "state-changing admin requests are disabled: no admin token is configured"
-                                 " (set O7S_ADMIN_TOKEN or admin_token on `o7s serve`)")
-        given = b""
-        for name, value in headers:
-            if name.lower() == b"authorization":
-                given = bytes(value)
-                break
-        ok = given[:len(_BEARER)].lower() == _BEARER and hmac.compare_digest(
-            given[len(_BEARER):].strip(), auth.token.encode())
+            raise HTTPError(403, ("the dashboard's reads are" if private else "state-changing admin requests are")
+                            + " disabled: no admin token is configured (set O7S_ADMIN_TOKEN or admin_token on"
+                              " `o7s serve`)")
+        # The dashboard's session cookie counts for reads only: a cross-site form must not change anything.
+        ok = bearer_ok(headers, auth.token) or (not write and cookie_ok(headers, auth.token))
         if not ok:
             self.auth_failures += 1
             log.warning("admin request refused: missing or wrong token",
@@ -257,7 +276,7 @@ class AdminApp:
             if scope.cancelled_caught:
                 log.warning("workers' metrics snapshots timed out", extra={"timeout": self.gather_timeout})
             workers = [dict(w) for w in self.view.workers()]
-            _fill_orgs(workers, snaps)
+            fill_orgs(workers, snaps)
             live = [int(w["pid"]) for w in workers if w.get("pid") and w.get("state", "up") not in ("dead", "down")]
             effective = self.carry.update(snaps, live)
             self._sample(effective)
@@ -333,34 +352,52 @@ class AdminApp:
         doc = {"workers": out, "count": len(out), "states": states, "stale_workers": self.carry.stale}
         return 200, [(b"content-type", b"application/json")], orjson.dumps(doc, default=str)
 
-    async def org(self, name: str) -> tuple[int, list, bytes]:
+    async def _rated(self, present: bool) -> tuple[list[dict], list[dict], _Sample, _Sample | None]:
+        """Gather, and when no kept sample is old enough for rates (and there is something to rate), wait
+        out the rest of the interval and gather again."""
         snaps, workers = await self.gather()
         now = self._latest
         base = self._baseline(now.t)
-        if base is None and name in now.totals:
+        if base is None and (present or now.totals):
             oldest = self.samples[0].t if self.samples else now.t
             await trio.sleep(max(0.0, self.rate_interval - (now.t - oldest)))
             snaps, workers = await self.gather()
             now = self._latest
             base = self._baseline(now.t)
+        return snaps, workers, now, base
+
+    @staticmethod
+    def _add_rates(doc: dict, name: str, now: _Sample, base: _Sample | None) -> dict:
+        if base is None:
+            doc["rates"], doc["qps"] = None, None
+            return doc
+        dt = now.t - base.t
+        cur = now.totals.get(name, [0, 0, 0, 0, 0.0, 0])
+        old = base.totals.get(name, [0, 0, 0, 0, 0.0, 0])
+        d = [max(0.0, c - o) for c, o in zip(cur, old)]
+        doc["rates"] = {
+            "window_seconds": round(dt, 3),
+            "qps": round(d[0] / dt, 3), "errors_per_second": round(d[1] / dt, 3),
+            "throttled_per_second": round(d[2] / dt, 3), "refused_per_second": round(d[3] / dt, 3),
+            "mean_latency_ms": round(d[4] / d[5] * 1000, 3) if d[5] else None,
+        }
+        doc["qps"] = doc["rates"]["qps"]
+        return doc
+
+    async def org(self, name: str) -> tuple[int, list, bytes]:
+        snaps, workers, now, base = await self._rated(name in self._latest.totals)
         doc = org_figures(name, snaps, workers)
         if doc is None:
             raise HTTPError(404, f"org {name!r} is not known to this cluster (no session since the workers started)")
-        if base is not None:
-            dt = now.t - base.t
-            cur = now.totals.get(name, [0, 0, 0, 0, 0.0, 0])
-            old = base.totals.get(name, [0, 0, 0, 0, 0.0, 0])
-            d = [max(0.0, c - o) for c, o in zip(cur, old)]
-            doc["rates"] = {
-                "window_seconds": round(dt, 3),
-                "qps": round(d[0] / dt, 3), "errors_per_second": round(d[1] / dt, 3),
-                "throttled_per_second": round(d[2] / dt, 3), "refused_per_second": round(d[3] / dt, 3),
-                "mean_latency_ms": round(d[4] / d[5] * 1000, 3) if d[5] else None,
-            }
-            doc["qps"] = doc["rates"]["qps"]
-        else:
-            doc["rates"], doc["qps"] = None, None
+        self._add_rates(doc, name, now, base)
         return 200, [(b"content-type", b"application/json")], orjson.dumps(doc, default=str)
+
+    async def orgs(self) -> tuple[int, list, bytes]:
+        """Every org the workers have seen, each as /v1/orgs/{org} gives it (the dashboard polls this)."""
+        snaps, workers, now, base = await self._rated(False)
+        docs = [self._add_rates(doc, name, now, base) for name, doc in all_org_figures(snaps, workers).items()]
+        return 200, [(b"content-type", b"application/json")], \
+            orjson.dumps({"orgs": docs, "count": len(docs)}, default=str)
 
     async def set_workers(self, body: bytes) -> tuple[int, list, bytes]:
         try:
@@ -380,110 +417,6 @@ class AdminApp:
         return 200, [(b"content-type", b"application/json")], orjson.dumps(state, default=str)
 
 
-def _fill_orgs(workers: list[dict], snapshots: list[Mapping[str, Any]]) -> None:
-    """Per worker, ``orgs_connected``: the orgs with client connections open on it now; and ``orgs`` (the orgs
-    it holds) from the orgs it has served since it started, when the view does not say."""
-    by_pid = {int(s.get("pid", 0)): s for s in snapshots}
-    for w in workers:
-        snap = by_pid.get(int(w.get("pid") or 0))
-        if snap is None:
-            continue
-        entries = snap.get("orgs", ())
-        w["orgs_connected"] = sorted({o["org"] for o in entries if o.get("client_connections", 0) > 0})
-        if "orgs" not in w:
-            w["orgs"] = sorted({o["org"] for o in entries})
-
-
-def org_figures(name: str, snapshots: list[Mapping[str, Any]], workers: list[Mapping[str, Any]]) -> dict | None:
-    """Everything the snapshots say about one org, or None when no worker has ever seen it."""
-    entries = [(s, o) for s in snapshots for o in s.get("orgs", ()) if o.get("org") == name]
-    home = [w.get("index") for w in workers if name in (w.get("orgs") or ())]
-    if not entries and not home:
-        return None
-    tiers: dict[str, list[int]] = {}
-    totals = {k: 0 for k in ("client_connections", "backend_connections", "queries", "errors", "throttled",
-                             "refused", "bytes_in", "bytes_out", "pool_waits", "handoffs_in")}
-    wait_seconds, lat_sum = 0.0, 0.0
-    counts = [0] * (len(LATENCY_BUCKETS) + 1)
-    pool: dict[str, int] = {}
-    per_worker: dict[int, dict[str, Any]] = {}
-    redis = {k: 0 for k in REDIS_FIELDS}
-    for snap, o in entries:
-        is_redis = o.get("db_type") == "redis"
-        for k in REDIS_FIELDS:
-            redis[k] += o.get(k, 0) if is_redis else o.get("redis_" + k, 0)
-        t = tiers.setdefault(o.get("tier", "unknown"), [0, 0])
-        t[0] += o.get("client_connections", 0)
-        t[1] += o.get("queries", 0)
-        for k in totals:
-            totals[k] += o.get(k, 0)
-        wait_seconds += o.get("pool_wait_seconds", 0.0)
-        lat_sum += o.get("latency_sum", 0.0)
-        for i, c in enumerate(o.get("latency_counts", ())[: len(counts)]):
-            counts[i] += c
-        for k in POOL_GAUGES:
-            if k in o:
-                pool[k.removeprefix("pool_")] = pool.get(k.removeprefix("pool_"), 0) + o[k]
-        widx = int(snap.get("worker", -1))
-        if widx >= 0:
-            w = per_worker.setdefault(widx, {"worker": widx, "pid": snap.get("pid"), "client_connections": 0,
-                                             "backend_connections": 0, "queries": 0})
-            w["client_connections"] += o.get("client_connections", 0)
-            w["backend_connections"] += o.get("backend_connections", 0)
-            w["queries"] += o.get("queries", 0)
-    # The org's current tier: the one with open sessions, else the busiest.
-    tier = max(tiers, key=lambda k: (tiers[k][0], tiers[k][1])) if tiers else None
-    n = sum(counts)
-    return {
-        "org": name,
-        "tier": tier,
-        "tiers": sorted(tiers),
-        "home_worker": home[0] if home else None,
-        "held_by": home,
-        "client_connections": totals["client_connections"],
-        "backend_connections": totals["backend_connections"],
-        "pool": pool or None,
-        "totals": {
-            "queries": totals["queries"], "errors": totals["errors"], "throttled": totals["throttled"],
-            "refused": totals["refused"], "bytes_in": totals["bytes_in"], "bytes_out": totals["bytes_out"],
-            "pool_waits": totals["pool_waits"], "pool_wait_seconds": round(wait_seconds, 6),
-            "handoffs_in": totals["handoffs_in"],
-        },
-        "throttled": totals["throttled"],
-        "refused": totals["refused"],
-        # the Redis part of the figures above (database type redis); None when the org has used no Redis
-        "redis": ({"client_connections": redis["client_connections"], "commands": redis["queries"],
-                   "errors": redis["errors"], "throttled": redis["throttled"], "refused": redis["refused"],
-                   "bytes_in": redis["bytes_in"], "bytes_out": redis["bytes_out"]}
-                  if any(redis.values()) else None),
-        "latency_ms": {
-            "count": n,
-            "mean": round(lat_sum / n * 1000, 3) if n else None,
-            "p50": _quantile_ms(0.50, counts), "p95": _quantile_ms(0.95, counts), "p99": _quantile_ms(0.99, counts),
-        },
-        "workers": [per_worker[k] for k in sorted(per_worker)],
-    }
-
-
-def _quantile_ms(q: float, counts: list[int]) -> float | None:
-    """Estimate a quantile from (non-cumulative) bucket counts by linear interpolation inside the bucket, as
-    Prometheus's histogram_quantile does; observations above the last bound report that bound."""
-    n = sum(counts)
-    if not n:
-        return None
-    rank = q * n
-    running = 0
-    for i, c in enumerate(counts):
-        if running + c >= rank and c:
-            if i >= len(LATENCY_BUCKETS):
-                return LATENCY_BUCKETS[-1] * 1000
-            lo = LATENCY_BUCKETS[i - 1] if i else 0.0
-            hi = LATENCY_BUCKETS[i]
-            return round((lo + (hi - lo) * (rank - running) / c) * 1000, 3)
-        running += c
-    return None  # pragma: no cover - rank <= n always lands in a bucket
-
-
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -493,7 +426,8 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
                       shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
                       app: AdminApp | None = None,
                       auth: AdminAuth | Callable[[], AdminAuth] = AdminAuth(),
-                      audit: AuditBuffer | None = None) -> None:
+                      audit: AuditBuffer | None = None,
+                      platform_dsn: Callable[[], str | None] | None = None) -> None:
     """Serve the admin HTTP port on host:port (port 0: a free one) until cancelled or `shutdown_trigger`
     returns. ``task_status.started((host, port))`` reports the address actually bound. An address that cannot
     be bound raises OSError before ``started``."""
@@ -509,7 +443,7 @@ async def serve_admin(host: str, port: int, view: ClusterView, *,
     config.errorlog = http_log
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0
-    app = app or AdminApp(view, auth=auth, audit=audit)
+    app = app or AdminApp(view, auth=auth, audit=audit, platform_dsn=platform_dsn)
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(app, config, shutdown_trigger=shutdown_trigger or trio.sleep_forever, task_status=task_status)

@@ -259,7 +259,8 @@ class RayCluster:
 
                 host, port = parse_listen(self.settings.admin_listen)
                 auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
-                await nursery.start(partial(serve_admin, auth=auth), host, port, self)
+                dsn = lambda: self.settings.platform_dsn  # noqa: E731 - the dashboard's account panel
+                await nursery.start(partial(serve_admin, auth=auth, platform_dsn=dsn), host, port, self)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._monitor)
             await self._stopped.wait()

@@ -106,7 +106,9 @@ class Supervisor:
         host, port = parse_listen(self.settings.admin_listen or "")
         auth = lambda: AdminAuth.from_settings(self.settings)  # noqa: E731 - SIGHUP rotates the token
         try:
-            await nursery.start(partial(serve_admin, auth=auth, audit=self.recorder.audit), host, port, self)
+            dsn = lambda: self.settings.platform_dsn  # noqa: E731 - the dashboard's account panel
+            await nursery.start(partial(serve_admin, auth=auth, audit=self.recorder.audit, platform_dsn=dsn),
+                                host, port, self)
         except OSError as e:  # taken since check_ports looked, or not resolvable
             self.failure = port_error("open the admin port on", host, port, "--admin HOST:PORT", e)
             return False
