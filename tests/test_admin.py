@@ -283,13 +283,19 @@ async def test_every_org_at_once_matches_each_org(admin: Admin, view: InProcessC
     """/v1/orgs (what the dashboard polls) gives every org as /v1/orgs/{org} does, with rates."""
     await admin.get("/v1/orgs/acme")  # a sample old enough for rates from now on
     await trio.sleep(0.35)
-    view.metrics[0].org("acme", "pro").queries += 30
+    acme = view.metrics[0].org("acme", "pro")
+    for _ in range(30):  # slow ones now: the window's percentiles see them, the cumulative ones hardly
+        acme.query_done(0.2, 0, True)
     r = await admin.get("/v1/orgs")
     assert r.status_code == 200
     doc = r.json()
     by_name = {o["org"]: o for o in doc["orgs"]}
     assert sorted(by_name) == ["acme", "globex"] and doc["count"] == 2
     assert by_name["acme"]["totals"]["queries"] == 70 and by_name["acme"]["qps"] > 0
+    window, cumulative = by_name["acme"]["rates"]["latency_ms"], by_name["acme"]["latency_ms"]
+    assert 100 <= window["p50"] <= 250 and window["p99"] <= 250  # all 30 took 200 ms
+    assert cumulative["p50"] <= 5  # 40 of the 70 took 4 ms
+    assert by_name["globex"]["rates"]["latency_ms"] == {"p50": None, "p95": None, "p99": None}
     assert by_name["globex"]["tier"] == "free" and by_name["globex"]["qps"] == 0.0
     one = (await admin.get("/v1/orgs/globex")).json()
     for key in ("tier", "home_worker", "client_connections", "totals", "latency_ms", "workers"):

@@ -110,13 +110,13 @@ def _figures(name: str, entries: list[tuple[Mapping[str, Any], Mapping[str, Any]
         "latency_ms": {
             "count": n,
             "mean": round(lat_sum / n * 1000, 3) if n else None,
-            "p50": _quantile_ms(0.50, counts), "p95": _quantile_ms(0.95, counts), "p99": _quantile_ms(0.99, counts),
+            "p50": quantile_ms(0.50, counts), "p95": quantile_ms(0.95, counts), "p99": quantile_ms(0.99, counts),
         },
         "workers": [per_worker[k] for k in sorted(per_worker)],
     }
 
 
-def _quantile_ms(q: float, counts: list[int]) -> float | None:
+def quantile_ms(q: float, counts: list[int]) -> float | None:
     """Estimate a quantile from (non-cumulative) bucket counts by linear interpolation inside the bucket, as
     Prometheus's histogram_quantile does; observations above the last bound report that bound."""
     n = sum(counts)

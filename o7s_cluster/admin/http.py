@@ -49,9 +49,10 @@ import trio
 from o7s_cluster.config import parse_listen
 from o7s_cluster.usage.audit import ADMIN_CALL, AuditBuffer
 from o7s_cluster.admin.dashboard import PRIVATE_PREFIX, Dashboard, bearer_ok, cookie_ok
-from o7s_cluster.admin.figures import fill_orgs, all_org_figures, org_figures
+from o7s_cluster.admin.figures import fill_orgs, all_org_figures, org_figures, quantile_ms
 from o7s_cluster.admin.metrics import (
     CONTENT_TYPE,
+    LATENCY_BUCKETS,
     CounterCarry,
     LabelBudget,
     DEFAULT_MAX_ORG_LABELS,
@@ -63,6 +64,7 @@ log = logging.getLogger("o7s.admin")
 MIN_WORKERS, MAX_WORKERS = 1, 64
 MAX_BODY = 64 * 1024
 _RATE_FIELDS = ("queries", "errors", "throttled", "refused")
+_N_BUCKETS = len(LATENCY_BUCKETS) + 1  # the last counts observations above the highest bound
 OPEN_PATHS = frozenset(("/health", "/ready"))  # never need a token: probes
 UNAUDITED_PATHS = OPEN_PATHS | {"/metrics"}  # probes and scrapes are not admin actions
 _READ_METHODS = frozenset(("GET", "HEAD"))
@@ -104,11 +106,12 @@ class HTTPError(Exception):
 
 
 class _Sample:
-    __slots__ = ("t", "totals")
+    __slots__ = ("t", "totals", "buckets")
 
-    def __init__(self, t: float, totals: dict[str, list[float]]) -> None:
+    def __init__(self, t: float, totals: dict[str, list[float]], buckets: dict[str, list[int]] | None = None) -> None:
         self.t = t
         self.totals = totals  # org -> [queries, errors, throttled, refused, latency_sum, latency_count]
+        self.buckets = buckets or {}  # org -> latency histogram counts (the window's percentiles)
 
 
 class AdminApp:
@@ -284,16 +287,22 @@ class AdminApp:
 
     def _sample(self, snapshots: list[dict]) -> _Sample:
         totals: dict[str, list[float]] = {}
+        buckets: dict[str, list[int]] = {}
         for snap in snapshots:
             for o in snap.get("orgs", ()):
                 acc = totals.get(o["org"])
                 if acc is None:
                     acc = totals[o["org"]] = [0, 0, 0, 0, 0.0, 0]
+                    buckets[o["org"]] = [0] * _N_BUCKETS
                 for i, name in enumerate(_RATE_FIELDS):
                     acc[i] += o.get(name, 0)
                 acc[4] += o.get("latency_sum", 0.0)
-                acc[5] += sum(o.get("latency_counts", ()))
-        sample = _Sample(self.clock(), totals)
+                counts = o.get("latency_counts", ())
+                acc[5] += sum(counts)
+                b = buckets[o["org"]]
+                for i, c in enumerate(counts[:_N_BUCKETS]):
+                    b[i] += c
+        sample = _Sample(self.clock(), totals, buckets)
         if not self.samples or sample.t - self.samples[-1].t >= self.rate_interval - 1e-3:
             self.samples.append(sample)
         self._latest = sample
@@ -381,6 +390,10 @@ class AdminApp:
             "throttled_per_second": round(d[2] / dt, 3), "refused_per_second": round(d[3] / dt, 3),
             "mean_latency_ms": round(d[4] / d[5] * 1000, 3) if d[5] else None,
         }
+        zero = [0] * _N_BUCKETS
+        window = [max(0, c - o) for c, o in zip(now.buckets.get(name, zero), base.buckets.get(name, zero))]
+        doc["rates"]["latency_ms"] = {"p50": quantile_ms(0.50, window), "p95": quantile_ms(0.95, window),
+                                      "p99": quantile_ms(0.99, window)}  # of the window's queries
         doc["qps"] = doc["rates"]["qps"]
         return doc
 

@@ -102,7 +102,7 @@ function renderOrgs(live) {
     const lim = (account && account.tiers[tier]) || {};
     const r = o.rates || {};
     const h = orgHistory.get(name) || []; push(h, o.qps || 0); orgHistory.set(name, h);
-    const lat = o.latency_ms || {};
+    const lat = (r.latency_ms && r.latency_ms.p50 != null) ? r.latency_ms : (o.latency_ms || {});  // window's, else since start
     const inv = acct && acct.invoice;
     const vcpu = acct ? +acct.vcpu_hours : null;
     tbody.append(el("tr", { "data-org": name },
