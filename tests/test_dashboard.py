@@ -3,7 +3,7 @@ Playwright (the system binary, no browser download), against a real `o7s serve` 
 this test creates and queries through the proxy.
 
 Checked: the page and its JSON are refused without the admin token; the login form and the ?token= bookmark
-both set the session cookie; the cookie opens reads but never changes; the page shows the test's orgs with
+both set the session cookie; the cookie opens reads but never changes, and rotating the token (SIGHUP) ends it; the page shows the test's orgs with
 their tier, live connections against the tier's ceiling, query counts and invoice so far; the figures move
 while the test runs queries, without a reload; its logins appear among the recent audit events; a screenshot is saved (its path is printed).
 """
@@ -163,3 +163,35 @@ def test_dashboard_in_a_browser_shows_live_figures(served, orgs, platform_dsn, t
         stop.set()
         held.close()
 
+
+
+def test_rotating_the_token_ends_dashboard_sessions(migrated, tmp_path) -> None:
+    import signal
+
+    admin = free_port()
+    url = f"http://127.0.0.1:{admin}"
+    config = tmp_path / "o7s.toml"
+    old, new = "first-dashboard-token-0123456789", "rotated-dashboard-token-987654321"
+    config.write_text(f'admin_token = "{old}"\n')
+    env = {k: v for k, v in migrated.items() if k != "O7S_ADMIN_TOKEN"}
+    p = start_proxy(env, tmp_path, "--workers", "1", "--admin", f"127.0.0.1:{admin}", "--config", str(config))
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "o7s serve did not get ready"
+            time.sleep(0.1)
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/dashboard", params={"token": old}).status_code == 303  # the bookmark way
+            assert c.get("/dashboard").status_code == 200 and c.get("/v1/dashboard/audit").status_code == 200
+            config.write_text(f'admin_token = "{new}"\n')
+            p.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while c.get("/v1/dashboard/audit").status_code != 401:
+                assert time.monotonic() < deadline, "the old session cookie still works after rotation"
+                time.sleep(0.1)
+            page = c.get("/dashboard")
+            assert page.status_code == 401 and 'name="token"' in page.text
+            assert c.post("/dashboard/login", data={"token": new}).status_code == 303
+            assert c.get("/v1/dashboard/audit").status_code == 200
+    finally:
+        stop_proxy(p)
