@@ -3,9 +3,10 @@ Playwright (the system binary, no browser download), against a real `o7s serve` 
 this test creates and queries through the proxy.
 
 Checked: the page and its JSON are refused without the admin token; the login form and the ?token= bookmark
-both set the session cookie; the cookie opens reads but never changes, and rotating the token (SIGHUP) ends it; the page shows the test's orgs with
-their tier, live connections against the tier's ceiling, query counts and invoice so far; the figures move
-while the test runs queries, without a reload; its logins appear among the recent audit events; a screenshot is saved (its path is printed).
+both set the session cookie; the cookie opens reads but never changes, and rotating the token (SIGHUP) ends
+it; the page shows the test's orgs with their tier, live connections against the tier's ceiling, query counts
+and invoice so far; the figures move while the test runs queries, without a reload; its logins appear among
+the recent audit events; a screenshot is saved (its path is printed).
 """
 
 from __future__ import annotations
