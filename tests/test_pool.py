@@ -93,6 +93,31 @@ async def test_waiters_time_out_at_their_own_deadlines_and_a_cancelled_one_leave
     await pool.close()
 
 
+async def test_a_timeout_changed_by_a_reload_applies_to_the_next_waits(target, nursery):
+    """A reload may shorten the timeout while older, longer waits are queued: the new wait still ends first."""
+    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=3), nursery=nursery)
+    conn = await pool.acquire()
+    ended: list[str] = []
+
+    async def wait_long() -> None:
+        with pytest.raises(PoolTimeout):
+            await pool.acquire()
+        ended.append("long")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(wait_long)
+        await trio.sleep(0.05)
+        pool.settings.acquire_timeout = 0.3  # what a SIGHUP does to the pool's settings
+        started = trio.current_time()
+        with pytest.raises(PoolTimeout) as info:
+            await pool.acquire()
+        assert trio.current_time() - started < 2 and "within 0.3 s" in info.value.reason
+        assert ended == []  # the older, longer wait is still queued
+        n.cancel_scope.cancel()
+    pool.release(conn)
+    await pool.close()
+
+
 async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_server, nursery):
     pool = Pool("pooltest_db", target, 1, PoolSettings(), nursery=nursery)
     conn = await pool.acquire()

@@ -56,7 +56,10 @@ class Pool:
         self.startup_params = startup_params or {}
         self._nursery = nursery
         self._idle: deque[BackendConn] = deque()
-        self._waiters: deque[tuple[trio.lowlevel.Task, float]] = deque()  # (task, deadline), oldest first
+        # (task, deadline, timeout), oldest first
+        self._waiters: deque[tuple[trio.lowlevel.Task, float, float]] = deque()
+        self._mixed = False  # waiters with different timeouts (a reload changed it) are queued
+        self._nap: trio.CancelScope | None = None  # the watchdog's sleep until the next deadline
         self._watchdog: trio.CancelScope | None = None
         self._watchdog_lot = trio.lowlevel.ParkingLot()  # the watchdog parks here while nobody waits
         self._waited = False  # someone queued since the watchdog last looked
@@ -102,39 +105,61 @@ class Pool:
 
     async def _wait(self) -> BackendConn | None:
         """Queue for a hand-off: a connection, or None for a free slot (counted as ours already)."""
-        entry = (trio.lowlevel.current_task(), trio.current_time() + self.settings.acquire_timeout)
-        self._waiters.append(entry)
+        timeout = self.settings.acquire_timeout  # read per wait: a reload (SIGHUP) may change it
+        waiters = self._waiters
+        if waiters and waiters[-1][2] != timeout:
+            self._mixed = True  # deadlines are no longer in queue order
+        entry = (trio.lowlevel.current_task(), trio.current_time() + timeout, timeout)
+        waiters.append(entry)
         self._waited = True
         if self._watchdog is None:
             self._watchdog = trio.CancelScope()
             self._nursery.start_soon(self._watch_waiters, self._watchdog)
         elif self._watchdog_lot:
             self._watchdog_lot.unpark_all()
+        elif self._nap is not None and entry[1] < self._nap.deadline:
+            self._nap.cancel()  # this wait ends before the one the watchdog sleeps for
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._waiters.remove(entry)
+            waiters.remove(entry)
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def _time_out(self, entry: tuple[trio.lowlevel.Task, float, float]) -> None:
+        trio.lowlevel.reschedule(entry[0], outcome.Error(PoolTimeout(self.db_name, entry[2], self.size)))
+
     async def _watch_waiters(self, scope: trio.CancelScope) -> None:
-        """End every wait at its deadline with PoolTimeout (the oldest waiter's deadline comes first)."""
-        timeout = self.settings.acquire_timeout
+        """End every wait at its deadline with PoolTimeout. Waiters share one timeout, so the oldest
+        one's deadline comes first; only after a reload changed the timeout are all of them looked at."""
         with scope:
             while True:
                 waiters = self._waiters
                 if not waiters:
+                    self._mixed = False
                     if not self._waited:  # nobody for a whole timeout: sleep until someone queues
                         await self._watchdog_lot.park()
                     self._waited = False
-                    await trio.sleep(timeout)  # a wait queued meanwhile ends no earlier than this
+                    await self._sleep_until(trio.current_time() + self.settings.acquire_timeout)
                     continue
                 now = trio.current_time()
+                if self._mixed:
+                    for entry in [e for e in waiters if e[1] <= now]:
+                        waiters.remove(entry)
+                        self._time_out(entry)
+                    if waiters:
+                        await self._sleep_until(min(e[1] for e in waiters))
+                    continue
                 while waiters and waiters[0][1] <= now:
-                    task, _ = waiters.popleft()
-                    trio.lowlevel.reschedule(task, outcome.Error(PoolTimeout(self.db_name, timeout, self.size)))
+                    self._time_out(waiters.popleft())
                 if waiters:
-                    await trio.sleep_until(waiters[0][1])
+                    await self._sleep_until(waiters[0][1])
+
+    async def _sleep_until(self, deadline: float) -> None:
+        """The watchdog's sleep, cut short by a wait that must end sooner."""
+        with trio.CancelScope(deadline=deadline) as self._nap:
+            await trio.sleep_forever()
+        self._nap = None
 
     async def _open(self, start: float) -> BackendConn:
         """Open a connection in a slot already counted in `in_use`; the slot is given on if that fails."""
