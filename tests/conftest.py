@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -500,3 +501,18 @@ def direct(backend) -> _redis.Redis:
     return _redis.Redis.from_url(backend.url)
 
 
+
+
+@contextmanager
+def extra_tier(env: dict[str, str], row: tuple) -> Iterator[str]:
+    """A tier of a test's own (a full platform.tier_limits row), removed after; its orgs go back to free."""
+    dsn = env["O7S_PLATFORM_DSN"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO platform.tier_limits VALUES ({', '.join(['%s'] * len(row))}) ON CONFLICT DO NOTHING",
+                     row)
+    try:
+        yield row[0]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:  # other tests list the seed's four tiers
+            conn.execute("UPDATE platform.organizations SET tier = 'free' WHERE tier = %s", (row[0],))
+            conn.execute("DELETE FROM platform.tier_limits WHERE tier = %s", (row[0],))

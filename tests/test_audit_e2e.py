@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import free_port, run_o7s, start_proxy, stop_proxy
+from conftest import extra_tier, free_port, run_o7s, start_proxy, stop_proxy
 from mongo_wire import FakeMongo
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -28,14 +28,8 @@ TINY = ("aud-tiny", 91, 5, 4, 1, 3, 100, 5000, "4MB", False, 0, 0, 0, 0, 0)
 
 @pytest.fixture(scope="module")
 def tiny_tier(migrated) -> Iterator[str]:
-    dsn = migrated["O7S_PLATFORM_DSN"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO platform.tier_limits VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                     " %s, %s) ON CONFLICT DO NOTHING", TINY)
-    yield TINY[0]
-    with psycopg.connect(dsn, autocommit=True) as conn:  # other tests list the seed's four tiers
-        conn.execute("UPDATE platform.organizations SET tier = 'free' WHERE tier = %s", (TINY[0],))
-        conn.execute("DELETE FROM platform.tier_limits WHERE tier = %s", (TINY[0],))
+    with extra_tier(migrated, TINY) as name:
+        yield name
 
 
 def audit_rows(dsn: str, orgs: list[str]) -> list[tuple]:

@@ -20,7 +20,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RawPG, first_error, free_port, run_o7s, start_proxy, stop_proxy
+from conftest import RawPG, extra_tier, first_error, free_port, run_o7s, start_proxy, stop_proxy
 from o7s_cluster.limits.keys import gate_keys
 
 
@@ -32,14 +32,8 @@ TINY = ("e2e-tiny", 90, 5, 4, 1, 3, 100, 5000, "4MB", False, 0, 0, 0, 0, 0)
 
 @pytest.fixture(scope="module")
 def tiny_tier(migrated) -> Iterator[str]:
-    dsn = migrated["O7S_PLATFORM_DSN"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO platform.tier_limits VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                     " %s, %s) ON CONFLICT DO NOTHING", TINY)
-    yield TINY[0]
-    with psycopg.connect(dsn, autocommit=True) as conn:  # other tests list the seed's four tiers
-        conn.execute("UPDATE platform.organizations SET tier = 'free' WHERE tier = %s", (TINY[0],))
-        conn.execute("DELETE FROM platform.tier_limits WHERE tier = %s", (TINY[0],))
+    with extra_tier(migrated, TINY) as name:
+        yield name
 
 
 def serve(migrated, tmp: Path, redis_url: str | None, workers: int, *extra: str, machine: int = 0):

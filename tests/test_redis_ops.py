@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import redis
 
-from conftest import free_port, run_o7s, start_proxy, stop_proxy, wait_port
+from conftest import extra_tier, free_port, run_o7s, start_proxy, stop_proxy, wait_port
 from conftest import add_redis
 
 # A tier of our own for the refusal test (4 commands/s, 100 ms of patience): the seed tiers' waits are
@@ -55,14 +55,8 @@ def test_free_org_is_held_to_ten_commands_a_second(rp, make_org) -> None:
 
 @pytest.fixture
 def tiny_tier(migrated):
-    dsn = migrated["O7S_PLATFORM_DSN"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO platform.tier_limits VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                     " %s, %s) ON CONFLICT DO NOTHING", TINY)
-    yield TINY[0]
-    with psycopg.connect(dsn, autocommit=True) as conn:  # other tests list the seed's four tiers
-        conn.execute("UPDATE platform.organizations SET tier = 'free' WHERE tier = %s", (TINY[0],))
-        conn.execute("DELETE FROM platform.tier_limits WHERE tier = %s", (TINY[0],))
+    with extra_tier(migrated, TINY) as name:
+        yield name
 
 
 def test_rate_refusal_names_the_limit_and_the_connection_stays_usable(migrated, make_org, backend, tmp_path,
