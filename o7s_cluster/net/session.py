@@ -94,6 +94,8 @@ class ClientSession:
         self._failure: BaseException | None = None  # what ended the session in a backend's pump
         self._to_client = _Outbox()
         self._to_backend = _Outbox()
+        self._waiting: trio.CancelScope | None = None  # a message's wait for a backend or a token
+        self._cancel_on_send = False  # a cancel came during a wait the message must end on its backend
 
     # --- top level ---------------------------------------------------------------------------
 
@@ -342,6 +344,9 @@ class ClientSession:
             await self._to_backend.flush(conn.channel, self.core.to_backend)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise BackendError("the database server closed the connection") from None
+        if self._cancel_on_send:
+            self._cancel_on_send = False
+            self.cancel()
 
     # --- backends ------------------------------------------------------------------------------
 
@@ -375,14 +380,19 @@ class ClientSession:
             if pool.would_wait():
                 self.counters.pool_waits += 1
             started = time.perf_counter()
-            try:
-                conn = await pool.acquire()
-            except BackendError as exc:
-                core.attach_failed(ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": "
-                                               f"{exc.reason}", fatal=False))
+            with trio.CancelScope() as self._waiting:
+                try:
+                    conn = await pool.acquire()
+                except BackendError as exc:
+                    core.attach_failed(ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": "
+                                                   f"{exc.reason}", fatal=False))
+                    return
+                finally:
+                    self._waiting = None
+                    self.counters.pool_wait_seconds += time.perf_counter() - started
+            if conn is None:  # the client cancelled its query while it waited
+                core.wait_cancelled()
                 return
-            finally:
-                self.counters.pool_wait_seconds += time.perf_counter() - started
         sql = sync_sql(core.client_params, conn.state.settings)
         if sql:
             try:
@@ -414,10 +424,18 @@ class ClientSession:
             await self._flush_backend()
         if core.to_client:
             await self._flush_client()
-        try:
-            throttled = await bucket.admit(core.tx_status != b"I")
-        except LimitError as exc:
-            core.token_refused(limit_error(exc))
+        throttled: bool | None = None
+        with trio.CancelScope() as self._waiting:
+            try:
+                throttled = await bucket.admit(core.tx_status != b"I")
+            except LimitError as exc:
+                core.token_refused(limit_error(exc))
+                return
+            finally:
+                self._waiting = None
+        if throttled is None:  # the client cancelled its query while it waited
+            if not core.wait_cancelled():
+                self._cancel_on_send = True  # it runs, and the cancel follows it to its backend
             return
         core.token_granted(throttled)
 
@@ -426,6 +444,9 @@ class ClientSession:
     def cancel(self) -> None:
         """A CancelRequest with this session's key: reach its backend while one of its queries runs,
         and keep that backend from anyone else until the cancel has landed."""
+        if self._waiting is not None:  # the query waits for a backend or a token: it ends the wait
+            self._waiting.cancel()
+            return
         conn = self.conn
         core = self.core
         if conn is None or core is None or self.pool is None or not core.query_running():

@@ -63,6 +63,8 @@ _K_PARSE = Kind.PARSE
 _K_QUERY = Kind.QUERY
 _K_SYNC = Kind.SYNC
 _HEADER = struct.Struct("!ci")
+# What PostgreSQL says of a cancelled statement.
+QUERY_CANCELED = ClientError(codes.QUERY_CANCELED, "canceling statement due to user request", fatal=False)
 _DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
 _DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*\Z",
                          re.IGNORECASE)
@@ -333,23 +335,7 @@ class SessionCore(BackendRelay):
     def attach_failed(self, error: ClientError) -> None:
         """No backend could be had: the message at the front gets the error, its batch is skipped."""
         self.counters.errors += 1
-        self._granted = False
-        buf = self._cbuf
-        t = buf[self._cpos]
-        length = _I32.unpack_from(buf, self._cpos + 1)[0]
-        stop = self._cpos + 1 + length
-        self._fake(error.to_bytes())
-        if t == _QUERY or t == _FUNCTION:
-            self._fake(m.ready_for_query(self.tx_status))
-        elif t == _SYNC:
-            self._fake(m.ready_for_query(self.tx_status))
-        else:
-            self.skip_until_sync = True
-        if stop <= len(buf):
-            self._cpos = stop
-        else:  # a large message: drop the rest of it as it arrives
-            self._discard_left = stop - len(buf)
-            self._cpos = len(buf)
+        self._refuse_front(error)
 
     def token_granted(self, waited: bool) -> None:
         if waited:
@@ -359,19 +345,37 @@ class SessionCore(BackendRelay):
     def token_refused(self, error: ClientError) -> None:
         """Over the rate limit: the query at the front is answered with `error` and not run."""
         self.counters.refused += 1
+        self._refuse_front(error)
+
+    def wait_cancelled(self) -> bool:
+        """A cancel reached the message at the front while it waited for a backend or a token.
+
+        True: nothing of its batch or transaction is on a backend, so it is answered with the server's
+        own cancel error and never runs. False: it must run (it is granted) and be cancelled on its
+        backend, as directly; a local error would leave the server's transaction or batch going on."""
+        if self.backend is not None and (self.tx_status != b"I" or self.unsynced):
+            self._granted = True
+            return False
+        self.counters.errors += 1
+        self._refuse_front(QUERY_CANCELED)
+        return True
+
+    def _refuse_front(self, error: ClientError) -> None:
+        """The message at the front is answered with `error` and not run; the rest of its batch is skipped."""
+        self._granted = False
         buf = self._cbuf
         t = buf[self._cpos]
         length = _I32.unpack_from(buf, self._cpos + 1)[0]
         stop = self._cpos + 1 + length
-        if t == _QUERY or t == _FUNCTION:
+        if t == _QUERY or t == _FUNCTION or t == _SYNC:
             self._fake(error.to_bytes(), ready=True)
-        else:  # Execute: the rest of its batch is skipped, as after any error
+        else:  # the rest of its batch is skipped, as after any error
             self._fake(error.to_bytes())
             self.skip_until_sync = True
             self._sync_to_backend = self.backend is not None and self.unsynced
         if stop <= len(buf):
             self._cpos = stop
-        else:
+        else:  # a large message: drop the rest of it as it arrives
             self._discard_left = stop - len(buf)
             self._cpos = len(buf)
 

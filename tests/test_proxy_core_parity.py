@@ -1,0 +1,105 @@
+"""The sans-IO session core, driven with bytes (no sockets, no trio), for issue 14's parity groups: a cancel
+that reaches a query O7s holds back (group 4)."""
+
+from __future__ import annotations
+
+from test_proxy_session import SYNC, Counters, attach, bind, complete, execute, messages, msg, parse, query, ready, take
+
+from o7s_cluster.proxy.backend import BackendState
+from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, SessionCore
+from o7s_cluster.proxy.statements import PoolStatements
+
+
+def error_code(data: bytes) -> str:
+    """The SQLSTATE of the first ErrorResponse in `data`."""
+    start = data.index(b"E") + 5
+    for field in data[start:].split(b"\0"):
+        if field[:1] == b"C":
+            return field[1:].decode()
+    raise AssertionError("no SQLSTATE")
+
+
+class Tokens:
+    """A rate limiter the test turns on and off."""
+
+    def __init__(self) -> None:
+        self.left = 1000
+
+    def __call__(self) -> bool:
+        if self.left > 0:
+            self.left -= 1
+            return True
+        return False
+
+
+def core(transaction_mode: bool = True, tokens: Tokens | None = None) -> SessionCore:
+    return SessionCore(transaction_mode=transaction_mode, counters=Counters(), pool_statements=PoolStatements(),
+                       client_params={"client_encoding": "UTF8"}, take_token=tokens or Tokens())
+
+
+# --- group 4: a cancel while the query waits for a backend or a token ------------------------------
+
+
+def test_a_query_cancelled_while_it_waits_for_a_backend_is_answered_and_never_runs():
+    c = core()
+    assert c.feed_client(query("select pg_sleep(30)") + query("select 2"), 1.0) == NEED_BACKEND
+    assert c.wait_cancelled() is True
+    out = take(c.to_client)
+    assert messages(out) == [b"E", b"Z"] and error_code(out) == "57014" and out.endswith(ready(b"I"))
+    assert c.resume(1.0) == NEED_BACKEND  # the next query asks again; the cancelled one is gone
+    assert not c.to_backend and c.counters.errors == 1
+
+
+def test_a_batch_cancelled_while_it_waits_for_a_backend_is_skipped_up_to_its_sync():
+    c = core()
+    batch = parse(b"", "select pg_sleep(30)") + bind(b"") + msg(b"D", b"P\0") + execute() + SYNC
+    assert c.feed_client(batch, 1.0) == NEED_BACKEND
+    assert c.wait_cancelled() is True
+    assert c.resume(1.0) == PROCEED
+    out = take(c.to_client)
+    assert messages(out) == [b"E", b"Z"] and error_code(out) == "57014"
+    assert not c.to_backend and c.idle()
+
+
+def test_a_query_cancelled_while_it_waits_for_a_token_outside_a_transaction_never_runs():
+    for transaction_mode in (True, False):
+        tokens = Tokens()
+        c = core(transaction_mode, tokens)
+        if not transaction_mode:
+            c.attached(BackendState())  # session mode: the backend is the client's from login
+        tokens.left = 0
+        assert c.feed_client(query("select pg_sleep(30)"), 1.0) == NEED_TOKEN
+        assert c.wait_cancelled() is True
+        assert messages(take(c.to_client)) == [b"E", b"Z"]
+        assert c.resume(1.0) == PROCEED and not c.to_backend
+
+
+def test_a_query_cancelled_while_it_waits_for_a_token_in_a_transaction_runs_to_be_cancelled_there():
+    """Answering it here would leave the server's transaction going on as if nothing had failed: it goes to
+    its backend (the shell then cancels it there), and the server's own error and status reach the client."""
+    tokens = Tokens()
+    c = core(tokens=tokens)
+    attach(c, query("begin"))
+    c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0)
+    take(c.to_backend), take(c.to_client)
+    tokens.left = 0
+    assert c.feed_client(query("select pg_sleep(30)"), 1.0) == NEED_TOKEN
+    assert c.wait_cancelled() is False
+    assert c.resume(1.0) == PROCEED
+    assert take(c.to_backend) == query("select pg_sleep(30)")
+    assert c.query_running() and not c.to_client and c.counters.errors == 0
+
+
+def test_a_pipelined_statement_cancelled_while_it_waits_for_a_token_runs_to_be_cancelled_there():
+    """The batch's earlier statements are on the backend: the cancelled one must fail there, so that the
+    server rolls the whole implicit transaction back, as directly."""
+    tokens = Tokens()
+    c = core(transaction_mode=False, tokens=tokens)
+    c.attached(BackendState())
+    tokens.left = 1
+    batch = (parse(b"", "insert into t values (1)") + bind(b"") + execute()
+             + parse(b"", "select pg_sleep(30)") + bind(b"") + execute() + SYNC)
+    assert c.feed_client(batch, 1.0) == NEED_TOKEN
+    assert c.wait_cancelled() is False
+    assert c.resume(1.0) == PROCEED
+    assert take(c.to_backend) == batch and c.query_running()
