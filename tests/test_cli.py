@@ -238,3 +238,24 @@ def test_main_in_process(capsys):
     assert main(["--version"]) == 0
     assert main(["org", "create"]) == 2
     assert capsys.readouterr().err.startswith("o7s: error: ")
+
+
+def test_last_resort_message_names_each_failure_and_where_but_no_message():
+    from o7s_cluster.cli.main import describe_unexpected
+
+    def fail_lookup() -> None:
+        {}["postgresql://u:secret@h/db"]  # noqa: B018 - the key stands for a DSN in a message
+
+    def fail_value() -> None:
+        raise ValueError("password=hunter2")
+
+    errors = []
+    for fn in (fail_lookup, fail_value):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    text = describe_unexpected(BaseExceptionGroup("outer", [ExceptionGroup("inner", errors[:1]), errors[1]]))
+    assert "KeyError at test_cli.py:" in text and "in fail_lookup" in text
+    assert "ValueError at test_cli.py:" in text and "in fail_value" in text
+    assert "secret" not in text and "hunter2" not in text and "Group" not in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from o7s_cluster import __version__
@@ -19,6 +20,8 @@ from o7s_cluster.config import ConfigError
 from o7s_cluster.control_plane.db import CatalogError
 from o7s_cluster.control_plane.embedded import EmbeddedError
 from o7s_cluster.control_plane.vault import VaultError
+
+MAX_REPORTED_ERRORS = 4  # of an exception group's leaves, in the last-resort message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,5 +61,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort; the message may hold secrets, so only its type
         if os.environ.get("O7S_DEBUG"):
             raise
-        print(f"o7s: error: unexpected {type(e).__name__} (set O7S_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(f"o7s: error: unexpected {describe_unexpected(e)} (set O7S_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """Each leaf exception's type and the place it was raised: enough to find the bug, and no message
+    (which may hold a DSN or a password). An ExceptionGroup alone says nothing about what failed."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    parts = []
+    for leaf in leaves[:MAX_REPORTED_ERRORS]:
+        where = ""
+        if leaf.__traceback__ is not None:
+            frame = traceback.extract_tb(leaf.__traceback__)[-1]
+            where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
+        parts.append(f"{type(leaf).__name__}{where}")
+    return "; ".join(parts) or type(exc).__name__
