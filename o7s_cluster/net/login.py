@@ -362,14 +362,10 @@ class Login:
         self.method = "apikey" if looks_like_key(token) else "jwt"
         role: str | None = None
         try:
-            if self.method == "apikey":
-                await self._check_api_key(token, login)
-            else:
-                if not self.server.jwt.enabled:
-                    raise TokenRejected("JWT logins are not configured")
-                role = self.server.jwt.verify(token, self.org).role
-                if login is None:
-                    raise TokenRejected("no such org")
+            role = await check_token(self.server, self.method, token, self.org, login)
+        except ControlPlaneDown:
+            raise ClientError(codes.CONTROL_PLANE_UNAVAILABLE,
+                              "O7s cannot reach its control plane to authenticate you; try again shortly") from None
         except TokenRejected as exc:  # the reason goes to the log only: the client learns nothing from it
             log.info("token login refused", extra={"org": self.org, "method": self.method, "reason": exc.reason})
             await self._login_failed(address)
@@ -378,27 +374,6 @@ class Login:
         if role is not None:
             self.wanted["role"] = role  # as `options=-c role=...`: on every backend the session uses
         return login
-
-    async def _check_api_key(self, key: str, login: OrgLogin | None) -> None:
-        prefix = key_prefix(key)
-        assert prefix is not None
-        try:
-            stored = await self.server.catalog.api_key(prefix)
-        except Exception:
-            log.exception("control plane lookup failed", extra={"org": self.org})
-            raise ClientError(codes.CONTROL_PLANE_UNAVAILABLE,
-                              "O7s cannot reach its control plane to authenticate you; try again shortly") from None
-        reason = check_key(key, stored, login.org_id if login else None, datetime.datetime.now(datetime.timezone.utc))
-        if reason is not None:
-            raise TokenRejected(reason)
-        assert stored is not None
-        self.server.nursery.start_soon(self._touch_key, stored.id)
-
-    async def _touch_key(self, key_id: str) -> None:
-        try:
-            await self.server.catalog.touch_api_key(key_id)
-        except Exception as exc:  # last use is bookkeeping: never fail anything over it
-            log.warning("could not record an API key's use", extra={"error": type(exc).__name__})
 
     def _address(self) -> str:
         return self.peer.rpartition(":")[0] or self.peer
@@ -413,6 +388,42 @@ class Login:
             if trip is not None:
                 server.metrics.login_blocks += 1
                 audit_trip(server, trip)
+
+
+class ControlPlaneDown(Exception):
+    """The control plane could not be asked about an API key."""
+
+
+async def check_token(server: Server, method: str, token: str, org: str, login: OrgLogin | None) -> str | None:
+    """A JWT or API key (`method` "jwt" or "apikey") of `org`, for the Postgres and the Redis port alike; returns
+    the backend role a JWT names (None: the org's own). Raises TokenRejected, whose reason is for the log only,
+    or ControlPlaneDown."""
+    if method == "apikey":
+        try:
+            stored = await server.catalog.api_key(key_prefix(token) or "")
+        except Exception:
+            log.exception("control plane lookup failed", extra={"org": org})
+            raise ControlPlaneDown from None
+        reason = check_key(token, stored, login.org_id if login else None, datetime.datetime.now(datetime.timezone.utc))
+        if reason is not None:
+            raise TokenRejected(reason)
+        assert stored is not None
+        server.nursery.start_soon(_touch_key, server, stored.id)
+        return None
+    if not server.jwt.enabled:
+        raise TokenRejected("JWT logins are not configured")
+    role = server.jwt.verify(token, org).role
+    if login is None:
+        raise TokenRejected("no such org")
+    return role
+
+
+async def _touch_key(server: Server, key_id: str) -> None:
+    """An API key's last use: bookkeeping in the background, which never fails a login."""
+    try:
+        await server.catalog.touch_api_key(key_id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not record an API key's use", extra={"error": type(exc).__name__})
 
 
 def audit_trip(server: Server, trip: Trip) -> None:

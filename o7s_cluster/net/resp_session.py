@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from o7s_cluster.auth.apikeys import check_key, key_prefix as api_key_prefix, looks_like_key
+from o7s_cluster.auth.apikeys import looks_like_key
 from o7s_cluster.auth.tokens import TokenRejected
 from o7s_cluster.limits.errors import LimitError
-from o7s_cluster.net.login import TOKEN_USER, audit_trip
+from o7s_cluster.net.login import TOKEN_USER, ControlPlaneDown, audit_trip, check_token
 from o7s_cluster.net.resp_backend import RedisBackendError, RedisConn, RedisPool, error_reply
 from o7s_cluster.pgwire.scram import check_password
 from o7s_cluster.resp import codec
@@ -64,18 +64,6 @@ _ids = itertools.count(1)
 def key_prefix(org_id: str) -> bytes:
     """Every key and channel of an org lives under this prefix on a shared backend."""
     return b"o7s:" + org_id.encode() + b":"
-
-
-class _ControlPlaneDown(Exception):
-    """The control plane could not be asked about an API key."""
-
-
-async def _touch_key(server: Server, key_id: str) -> None:
-    """An API key's last use (bookkeeping, in the background: never fails a login)."""
-    try:
-        await server.catalog.touch_api_key(key_id)
-    except Exception as exc:
-        log.warning("could not record an API key's use", extra={"error": type(exc).__name__})
 
 
 class _Stop(Exception):
@@ -476,25 +464,8 @@ class RespClient:
 
     async def _token_ok(self, method: str, token: str, org: str, login: OrgLogin | None) -> bool:
         """A JWT or API key of `org` (the checks of net/login.py); why one fails goes to the log only."""
-        server = self.server
         try:
-            if method == "apikey":
-                try:
-                    stored = await server.catalog.api_key(api_key_prefix(token) or "")
-                except Exception:
-                    log.exception("control plane lookup failed", extra={"org": org})
-                    raise _ControlPlaneDown from None
-                reason = check_key(token, stored, login.org_id if login else None,
-                                   datetime.datetime.now(datetime.timezone.utc))
-                if reason is not None:
-                    raise TokenRejected(reason)
-                server.nursery.start_soon(_touch_key, server, stored.id)
-            else:
-                if not server.jwt.enabled:
-                    raise TokenRejected("JWT logins are not configured")
-                server.jwt.verify(token, org)  # a role claim has no meaning for Redis
-                if login is None:
-                    raise TokenRejected("no such org")
+            await check_token(self.server, method, token, org, login)  # a role claim has no meaning for Redis
         except TokenRejected as exc:
             log.info("token login refused", extra={"org": org, "method": method, "reason": exc.reason})
             return False
@@ -531,7 +502,7 @@ class RespClient:
             method = "apikey" if password and looks_like_key(password) else "jwt"
             try:
                 ok = password is not None and await self._token_ok(method, password, org, login)
-            except _ControlPlaneDown:
+            except ControlPlaneDown:
                 return codec.error("ERR O7s cannot reach its control plane to authenticate you; try again shortly")
         else:
             ok = password is not None and await trio.to_thread.run_sync(
