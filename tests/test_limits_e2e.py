@@ -175,6 +175,25 @@ def test_sixth_free_connection_gets_53300_across_two_serves(migrated, make_org, 
         stop_proxy(b)
 
 
+def test_sixth_free_connection_gets_53300_through_two_workers_without_redis(migrated, make_org, tmp_path):
+    """Without Redis each worker counts its own connections, so the ceiling holds only if every connection of
+    an org reaches its home worker from the first one on: a worker that started taking clients before it
+    knew the others took itself for every org's home (seen: 2 of 6 fresh starts let a 6th connection in)."""
+    for attempt in range(3):
+        org = make_org(f"lim_noredis{attempt}", "free")
+        p = serve(migrated, tmp_path, None, 2)
+        conns = []
+        try:
+            for _ in range(5):  # at once: the port has just opened
+                conns.append(psycopg.connect(p.dsn(org), autocommit=True))
+            for _ in range(4):  # each lands on either worker (SO_REUSEPORT)
+                assert connect_error(p, org)["C"] == "53300", f"fresh start {attempt}: a 6th connection got in"
+        finally:
+            for c in conns:
+                c.close()
+            stop_proxy(p)
+
+
 def test_kill_9_of_the_home_worker_frees_its_orgs_connections_at_once(migrated, make_org, redis_server, tmp_path):
     """A free org's 5 connections on its home worker, kill -9 of that worker: 5 reconnects within 2 s all
     succeed (before, the dead worker's counts blocked every reconnect with 53300 for 30 s)."""

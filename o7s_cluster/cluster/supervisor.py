@@ -40,6 +40,9 @@ class ClusterError(Exception):
     """The cluster cannot run (its workers keep dying at start-up)."""
 
 
+START_GRACE = 10.0  # s the first workers wait for each other before they take clients anyway
+
+
 @dataclasses.dataclass
 class WorkerHandle:
     index: int
@@ -66,6 +69,7 @@ class Supervisor:
         self._last: dict[int, dict[str, Any]] = {}  # each worker's latest snapshot
         self._stopped = trio.Event()
         self.failure: str | None = None
+        self._started = False  # the first workers are all up (or START_GRACE passed): members go out
         # The supervisor's own recorder: it has no usage, only the admin port's audit events.
         self.recorder = UsageRecorder(settings, worker=f"m{settings.machine_id}-supervisor")
 
@@ -90,6 +94,7 @@ class Supervisor:
                     nursery.start_soon(self.recorder.run)  # the admin port's audit events, shipped like usage
                 for index in range(self.target):
                     await self._spawn(index)
+                nursery.start_soon(self._start_grace)
                 nursery.start_soon(self._signals)
                 await self._stopped.wait()
                 if self.settings.admin_listen:
@@ -159,6 +164,15 @@ class Supervisor:
                 if self.stopping or handle.index >= self.target:
                     return
         await self._spawn(handle.index)
+
+    async def _start_grace(self) -> None:
+        """A worker that never comes up must not keep the others from taking clients."""
+        await trio.sleep(START_GRACE)
+        if not self._started:
+            log.warning("not every worker is up yet; taking clients with those that are",
+                        extra={"up": self.members(), "wanted": self.target})
+            self._started = True
+            await self._broadcast_members()
 
     async def _signals(self) -> None:
         # The work runs in tasks so that this loop keeps taking signals: a second SIGTERM during a
@@ -261,6 +275,12 @@ class Supervisor:
 
     async def _broadcast_members(self) -> None:
         members = self.members()
+        if not self._started:
+            # Until every first worker is up, none is told who the members are, so none serves a client
+            # while it could take itself for an org's home and count its connections apart.
+            if len(members) < self.target:
+                return
+            self._started = True
         for handle in self._up():
             await self._send(handle, {"members": members})
 

@@ -38,6 +38,11 @@ def _peer(sock: socket.socket) -> str:
         return "?"
 
 
+# Longest a new worker waits for the members list before it takes clients anyway (the supervisor sends it
+# once all its first workers are up, or after its START_GRACE).
+MEMBERS_WAIT = 15.0
+
+
 def _listen_socket(settings: Settings, address: tuple[str, int] | None = None) -> socket.socket:
     host, port = address or (settings.listen_host, settings.listen_port)
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -62,6 +67,7 @@ class Worker:
         self.server: Server | None = None
         self.retiring = False
         self.stopping = trio.Event()
+        self.members_known = trio.Event()  # the supervisor told us who the machine's workers are
 
     async def run(self) -> None:
         settings = self.settings
@@ -98,6 +104,10 @@ class Worker:
                 nursery.start_soon(self._control, control)
                 log.info("worker up", extra={"listen": settings.listen})
                 with self.accepting:
+                    # Each org's home must be known before a first client is served here: a worker that
+                    # took itself for the only one would count an org's connections apart from its home's.
+                    with trio.move_on_after(MEMBERS_WAIT):
+                        await self.members_known.wait()
                     await self._accept(listen_sock, server)
                 trio.lowlevel.notify_closing(listen_sock)
                 listen_sock.close()
@@ -220,6 +230,7 @@ class Worker:
         assert self.server is not None
         if "members" in msg:
             self.router.members = [int(m) for m in msg["members"]] or [self.index]
+            self.members_known.set()
             return None
         cmd = msg.get("cmd")
         if cmd == "stats":
