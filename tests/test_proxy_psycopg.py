@@ -574,8 +574,7 @@ def test_cancel_when_idle_is_harmless(proxy, org):
 
 
 def test_listen_notify(proxy, org, pool_mode):
-    if pool_mode != "session":
-        pytest.skip("LISTEN needs a session: only session pool mode keeps one backend per client")
+    # In transaction mode the worker's listener connection serves it (more in tests/test_listen_notify.py).
     with connect(proxy, org, autocommit=True) as listener, connect(proxy, org, autocommit=True) as sender:
         listener.execute("LISTEN o7s_chan")
         sender.execute("NOTIFY o7s_chan, 'hello'")

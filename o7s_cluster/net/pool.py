@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import outcome
 import trio
@@ -14,7 +17,11 @@ from o7s_cluster.control_plane.dsn import BackendTarget
 from o7s_cluster.net import backend
 from o7s_cluster.net.backend import BackendConn, BackendError
 from o7s_cluster.pgwire.errors import POOL_TIMEOUT
+from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.statements import PoolStatements
+
+if TYPE_CHECKING:
+    from o7s_cluster.net.listener import Listener
 
 log = logging.getLogger("o7s.pool")
 
@@ -70,6 +77,13 @@ class Pool:
         # log a client in without taking a backend.
         self.server_params: dict[str, str] | None = None
         self.statements = PoolStatements()  # which server-side statements this pool's clients name
+        # The pool's connections by server process id: whose backend sent a notification.
+        self.by_pid: weakref.WeakValueDictionary[int, BackendState] = weakref.WeakValueDictionary()
+        self.listener: Listener | None = None  # LISTEN/NOTIFY in transaction mode (net.listener), made on demand
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a task of the pool's (its listener connection) in the pool's nursery."""
+        self._nursery.start_soon(fn, *args)
 
     @property
     def waiting(self) -> int:
@@ -170,6 +184,7 @@ class Pool:
             self._free_slot()
             raise
         self._nursery.start_soon(conn.pump)
+        self.by_pid[conn.pid] = conn.state
         if self.server_params is None:
             self.server_params = dict(conn.initial_params)
         self.opened_total += 1
@@ -231,6 +246,8 @@ class Pool:
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self.listener is not None:
+            self.listener.close()
         idle, self._idle = list(self._idle), deque()
         for conn in idle:
             await conn.aclose()

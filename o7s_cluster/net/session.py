@@ -21,13 +21,22 @@ import trio
 from o7s_cluster.limits.errors import LimitError
 from o7s_cluster.net.backend import BackendConn, BackendError, send_cancel
 from o7s_cluster.net.channel import AnyChannel, Channel
+from o7s_cluster.net.listener import Listener
 from o7s_cluster.net.login import Login, limit_error
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy.params import SYNCED_REPORTED, sync_sql
 from o7s_cluster.proxy.relay import RELEASE
-from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, TERMINATE, SessionCore
+from o7s_cluster.proxy.session import (
+    NEED_BACKEND,
+    NEED_LISTEN,
+    NEED_QUIET,
+    NEED_TOKEN,
+    PROCEED,
+    TERMINATE,
+    SessionCore,
+)
 from o7s_cluster.usage.counters import OrgCounters
 
 if TYPE_CHECKING:
@@ -96,6 +105,8 @@ class ClientSession:
         self._to_backend = _Outbox()
         self._waiting: trio.CancelScope | None = None  # a message's wait for a backend or a token
         self._cancel_on_send = False  # a cancel came during a wait the message must end on its backend
+        self._delivering = False  # a task is sending the client its notifications
+        self._quiet: trio.Event | None = None  # set when the core is quiet again (NEED_QUIET)
 
     # --- top level ---------------------------------------------------------------------------
 
@@ -212,6 +223,8 @@ class ClientSession:
 
     async def _cleanup(self) -> None:
         self.server.unregister(self)
+        if self.pool is not None and self.pool.listener is not None:
+            self.pool.listener.unsubscribe(self)
         self.server.input_budget.forget(self)
         conn, self.conn = self.conn, None
         if conn is not None and self.pool is not None:
@@ -282,12 +295,18 @@ class ClientSession:
                     await self._attach()
                 elif action == NEED_TOKEN:
                     await self._wait_token()
+                elif action == NEED_LISTEN:
+                    await self._listen()
+                elif action == NEED_QUIET:
+                    await self._wait_quiet()
                 elif action == TERMINATE:
                     if core.to_backend:
                         await self._flush_backend()
                     return
                 action = core.resume(time.perf_counter())
             self.server.input_budget.check(self, core.input_buffered())
+            if core.listen_changed:
+                await self._listen_changed()
             if core.to_backend:
                 await self._flush_backend()
             if core.to_client:
@@ -312,6 +331,16 @@ class ClientSession:
                     raise _BackendGone()
                 raise BackendError("the database server closed the connection")
             verdict = core.feed_backend(data, time.perf_counter())
+            while True:
+                if core.listen_changed:  # COMMIT/ROLLBACK of LISTENs: answered once the listener serves them
+                    await self._listen_changed()
+                if not core.barrier_wanted:
+                    break
+                # The client's own NOTIFY committed: relayed before its ReadyForQuery, as directly.
+                if self.pool is not None and self.pool.listener is not None:
+                    await self.pool.listener.barrier()
+                core.barrier_done()
+                verdict = core.feed_backend(b"", time.perf_counter())
             if core.to_backend:
                 await self._flush_backend()
             if verdict == RELEASE:
@@ -324,6 +353,8 @@ class ClientSession:
                     self.pool.release(conn)
             elif core.to_client:
                 await self._flush_client()
+            if self._quiet is not None and core.quiet():
+                self._quiet.set()
             if self.draining and core.idle() and not core.pinned:
                 self.scope.cancel()
         except trio.Cancelled:
@@ -353,6 +384,7 @@ class ClientSession:
     def _attach_conn(self, conn: BackendConn) -> None:
         self.conn = conn
         conn.sink = self
+        conn.state.holder = self.pid
         self._attached_at = time.perf_counter()
         if self.core is not None:
             self.core.attached(conn.state)
@@ -438,6 +470,85 @@ class ClientSession:
                 self._cancel_on_send = True  # it runs, and the cancel follows it to its backend
             return
         core.token_granted(throttled)
+
+    # --- LISTEN/NOTIFY (transaction mode) -------------------------------------------------------
+
+    def _listener(self) -> Listener:
+        pool = self.pool
+        assert pool is not None
+        if pool.listener is None:
+            pool.listener = Listener(pool)
+        return pool.listener
+
+    async def _listen(self) -> None:
+        """A LISTEN/UNLISTEN outside a transaction block: answered once the listener serves it, as
+        PostgreSQL listens when it answers; or the reason it cannot."""
+        core = self.core
+        assert core is not None
+        if core.to_client:
+            await self._flush_client()
+        try:
+            await self._listener().subscribe(self, core.listen_target(), timeout=self.settings.server_connect_timeout)
+        except BackendError as exc:
+            core.listen_done(ClientError(exc.sqlstate, f"could not listen on database \"{self.db_name}\": "
+                                         f"{exc.reason}", fatal=False))
+            return
+        core.listen_done(None)
+
+    async def _listen_changed(self) -> None:
+        """LISTEN inside a block (the listener starts now), or its COMMIT/ROLLBACK: the statement is
+        already answered, so a listener that cannot be reached costs notifications, not an error."""
+        core = self.core
+        assert core is not None
+        core.listen_changed = False
+        try:
+            await self._listener().subscribe(self, core.listens.wanted(), timeout=self.settings.server_connect_timeout,
+                                             undo=False)
+        except BackendError as exc:
+            log.warning("listener not ready", extra={"org": self.org, "reason": exc.reason})
+
+    async def _wait_quiet(self) -> None:
+        """Until the statement that may NOTIFY has ended (and its own notifications are relayed)."""
+        core = self.core
+        assert core is not None
+        if core.to_backend:
+            await self._flush_backend()
+        if core.to_client:
+            await self._flush_client()
+        while not core.quiet():
+            self._quiet = trio.Event()
+            await self._quiet.wait()
+        self._quiet = None
+
+    def notify(self, message: bytes) -> None:
+        """A notification on a channel this client listens on (from the listener's task: never waits)."""
+        core = self.core
+        if core is None or not core.notification(message):
+            return
+        if core.listens.overflow:
+            if self._failure is None:
+                self._failure = ClientError(codes.OUT_OF_MEMORY, core.listens.overflow,
+                                            hint="Read notifications as they come, and do not stay in a "
+                                                 "transaction while many arrive.")
+            self._serve_scope.cancel()
+            return
+        if core.to_client and not self._delivering:
+            self._delivering = True
+            self.server.spawn(self._deliver)
+
+    async def _deliver(self) -> None:
+        core = self.core
+        assert core is not None
+        try:
+            while True:
+                await self._flush_client()
+                if not (core.listens.queue and core.idle() and core.listen_request is None):
+                    break
+                core.listens.take(core.to_client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, ssl.SSLError, OSError):
+            pass  # the session's own task sees the client gone
+        finally:
+            self._delivering = False
 
     # --- cancel --------------------------------------------------------------------------------
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ProtocolViolation
 from o7s_cluster.proxy import owed
 from o7s_cluster.proxy.backend import BackendState
+from o7s_cluster.proxy.listen import ClientListens, ListenOp
 from o7s_cluster.proxy.owed import Kind, Pending
 from o7s_cluster.proxy.params import SYNCED_REPORTED
 from o7s_cluster.proxy.readback import Readback, readback_sql
@@ -24,6 +25,7 @@ _READY, _PARSE_DONE, _BIND_DONE, _CLOSE_DONE, _ROW_DESC, _NO_DATA = b"Z123Tn"
 _COMMAND_DONE, _EMPTY_QUERY, _SUSPENDED, _ERROR, _PARAMETER, _DATA_ROW, _NOTIFICATION = b"CIsESDA"
 _INTERESTING = frozenset(b"Z123TnCIsESA")
 _FATAL_SEVERITY = (b"SFATAL", b"SPANIC")
+_IDLE = ord("I")
 BACKEND_STREAM_AT = 256 * 1024   # backend messages larger than this (big rows) are relayed as they arrive
 _I32 = struct.Struct("!i")
 # Enum members as module globals: the per-message loops compare them often.
@@ -79,6 +81,12 @@ class BackendRelay:
     _readback_due: bool
     _readback: Readback | None
     _custom: list[str]
+    listens: ClientListens
+    listen_changed: bool
+    _notify_ends: deque[Pending]
+    _block_notified: bool
+    _listen_fakes: deque[tuple[Pending, ListenOp]]
+    barrier_wanted: bool
 
     def feed_backend(self, data: bytes | bytearray | memoryview, now: float) -> int:
         """Relay what the backend said; RELEASE when the backend may go back to the pool."""
@@ -127,7 +135,21 @@ class BackendRelay:
             popped = False
             hidden = False
             if t == _READY:
+                ends = self._notify_ends
+                if (ends or self._block_notified) and owed_:
+                    if ends and owed_[0] is ends[0]:
+                        ends.popleft()
+                        self._block_notified = True
+                    if self._block_notified and buf[pos + 5] == _IDLE:
+                        # The client's own NOTIFY has committed: PostgreSQL sends it the notification before
+                        # this ReadyForQuery, which waits until the listener has relayed it (`barrier_done`).
+                        self._block_notified = False
+                        self.barrier_wanted = True
+                        break
                 self.tx_status = bytes(buf[pos + 5:pos + 6])
+                if self.listens.pending and self.tx_status == b"I":  # the block ended without COMMIT
+                    self.listens.rollback()
+                    self.listen_changed = True
                 if owed_:
                     p = owed_.popleft()
                     popped = True
@@ -195,6 +217,8 @@ class BackendRelay:
         self.counters.bytes_out += len(out) - start_out
         if self.owed or self.tx_status != b"I" or self.unsynced or self._bstream_left or pos != end_of_data:
             return KEEP
+        if self.listens.queue:  # between transactions: notifications that waited go out now
+            self.listens.take(self.to_client)
         return self._at_rest()
 
     def _own_notification(self, buf: bytearray, pos: int) -> None:
@@ -205,11 +229,17 @@ class BackendRelay:
                 and _I32.unpack_from(buf, pos + 5)[0] == backend.pid):
             _I32.pack_into(buf, pos + 5, self.client_pid)
 
+    if TYPE_CHECKING:
+        def _listen_in_order(self, op: ListenOp, out: bytearray) -> None: ...  # the core's (proxy.listen)
+
     def _after_pop(self, out: bytearray) -> None:
         """Answers O7s made itself go out as soon as everything before them has."""
         owed_ = self.owed
         while owed_ and owed_[0].kind is _K_FAKE:
             p = owed_.popleft()
+            if self._listen_fakes and p is self._listen_fakes[0][0]:
+                self._listen_in_order(self._listen_fakes.popleft()[1], out)
+                continue
             out += p.reply
             if p.ready:
                 out += m.ready_for_query(self.tx_status)
@@ -264,6 +294,9 @@ class BackendRelay:
         self.pinned = result.state
 
     def _on_tag(self, tag: bytes | bytearray) -> None:
+        if tag == b"COMMIT" and self.listens.pending:  # LISTEN/UNLISTEN of the block take effect
+            self.listens.commit()
+            self.listen_changed = True
         if tag == b"DISCARD ALL" or tag == b"DEALLOCATE ALL":
             if self.backend is not None:
                 self.backend.prepared.clear()

@@ -22,6 +22,7 @@ from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy import owed
 from o7s_cluster.proxy.backend import BackendState
+from o7s_cluster.proxy.listen import ClientListens, Listening, ListenOp, may_notify
 from o7s_cluster.proxy.owed import Kind, Pending
 from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state
 from o7s_cluster.proxy.relay import BackendRelay, Counters
@@ -39,6 +40,8 @@ PROCEED = 0        # all complete messages handled: send the output, read more f
 NEED_BACKEND = 1   # attach a backend (then `attached`) or report why not (`attach_failed`)
 NEED_TOKEN = 2     # wait for a rate-limit token (then `token_granted` or `token_refused`)
 TERMINATE = 3      # the client said goodbye
+NEED_LISTEN = 4    # transaction mode: bring the listener to `listen_target()` (then `listen_done`)
+NEED_QUIET = 5     # wait until `quiet()`: a statement that may NOTIFY ends before the next one starts
 
 
 # Frontend message types.
@@ -70,7 +73,7 @@ _DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|
                          re.IGNORECASE)
 
 
-class SessionCore(BackendRelay):
+class SessionCore(Listening, BackendRelay):
     """The decisions of one client session between login and goodbye (see the module docstring)."""
 
     def __init__(self, *, transaction_mode: bool, counters: Counters, pool_statements: PoolStatements,
@@ -112,6 +115,15 @@ class SessionCore(BackendRelay):
         self.pinned = ""            # why the client keeps its backend ('' when it does not)
         self.backend_fatal = False  # the backend said it is terminating the session
         self.draining = False
+        # LISTEN/NOTIFY (transaction mode): the client's channels, served by the worker's listener.
+        self.listens = ClientListens()
+        self.listen_request: ListenOp | None = None  # the LISTEN/UNLISTEN at the front (NEED_LISTEN)
+        self.listen_changed = False  # the channels the listener must serve changed: tell it
+        self._notified = False      # the client listens and its batch since the last Sync may NOTIFY
+        self._notify_ends: deque[Pending] = deque()  # owed Query/Sync answers that end a statement that may NOTIFY
+        self._block_notified = False  # such a statement ran in the open transaction block
+        self._listen_fakes: deque[tuple[Pending, ListenOp]] = deque()  # LISTENs answered in order
+        self.barrier_wanted = False  # hold the ReadyForQuery until the listener relayed what they sent
 
     # --- the shell's view -------------------------------------------------------------------
 
@@ -198,6 +210,8 @@ class SessionCore(BackendRelay):
                 return action
             pos = self._cpos = stop
         self._cpos = pos
+        if self.listens.queue and self.idle():
+            self.listens.take(self.to_client)
         return PROCEED
 
     def _message(self, t: int, s: int, e: int, now: float) -> int:
@@ -219,6 +233,8 @@ class SessionCore(BackendRelay):
             self._granted = True
         backend = self.backend
         if self.transaction_mode:
+            if t == _QUERY and (taken := self._listen(s, e)) is not None:
+                return PROCEED if taken else NEED_LISTEN
             if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e):
                 self._granted = False
                 return PROCEED
@@ -236,6 +252,8 @@ class SessionCore(BackendRelay):
                     return PROCEED
         if backend is None:
             return NEED_BACKEND
+        if self._notify_ends or self.barrier_wanted:
+            return NEED_QUIET  # its own notifications come first, as directly: see `Listening.quiet`
         self._granted = False
         self._lazy_sync = False
         if self.pinned:
@@ -406,6 +424,8 @@ class SessionCore(BackendRelay):
                 sql = buf[s + 5:e - 1]
                 if may_change_state(sql):
                     self._note_state(sql)
+                if self.listens.listening() and may_notify(sql):
+                    self._notify_ends.append(owed_[-1])
         elif t == _BIND:
             self.unsynced = True
             if self.transaction_mode:
@@ -418,6 +438,8 @@ class SessionCore(BackendRelay):
                     if statement is not None:
                         if statement.stateful:
                             self._readback_due = True
+                        if self.listens.listening() and may_notify(statement.parse_rest):
+                            self._notified = True
                         key = self._prepare_on(backend, statement)
                         body_len = (e - s - 1) - (stmt_end - portal_end - 1) + len(key)
                         out += b"B" + _I32.pack(body_len) + buf[s + 5:portal_end + 1] + key + buf[stmt_end:e]
@@ -433,6 +455,9 @@ class SessionCore(BackendRelay):
             self.unsynced = False
             owed_.append(Pending(_K_SYNC, started=now))
             out += buf[s:e]
+            if self._notified:
+                self._notified = False
+                self._notify_ends.append(owed_[-1])
         elif t == _PARSE:
             self.unsynced = True
             if self.transaction_mode:
@@ -442,6 +467,8 @@ class SessionCore(BackendRelay):
                     return
                 if may_change_state(rest):
                     self._note_state(rest)
+                if self.listens.listening() and may_notify(rest):
+                    self._notified = True
             owed_.append(owed.PARSE)
             out += buf[s:e]
         elif t == _DESCRIBE:
