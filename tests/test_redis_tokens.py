@@ -78,3 +78,33 @@ def test_token_login_needs_tls(migrated, backend, make_org, tmp_path) -> None:
         assert connect(port, org.name, org.password, tls=False).ping()
     finally:
         stop_proxy(p)
+
+
+def test_a_cut_off_tls_handshake_is_no_failure(migrated, backend, make_org, tmp_path) -> None:
+    """Clients that drop the connection before or during the TLS handshake leave one quiet close each, no
+    "redis session failed" traceback in the log (the nursery's exception group used to hide that they
+    were only a client going away); the port serves the next client as before."""
+    import socket
+    import ssl
+
+    org = make_org("rtok_e", "pro")
+    add_redis(migrated, org, backend)
+    port = free_port()
+    p = start_proxy(migrated, tmp_path, "--workers", "1", "--tls-cert", _PROXY_CERT, "--tls-key", _PROXY_KEY,
+                    "--redis-listen", f"127.0.0.1:{port}")
+    try:
+        wait_port("127.0.0.1", port, proc=p.proc)
+        for first in (b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"PING\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(first)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            tls = ctx.wrap_socket(s)  # a full handshake, then a reset instead of a close_notify
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            tls.close()
+        assert connect(port, org.name, org.password).ping()
+    finally:
+        stop_proxy(p)
+    text = p.log.read_text()
+    assert "redis session failed" not in text and "Traceback" not in text, text[-3000:]

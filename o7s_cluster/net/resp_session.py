@@ -70,6 +70,16 @@ class _Stop(Exception):
     """End the session after what has been sent (QUIT, a protocol error, a lost dedicated connection)."""
 
 
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """The client went away or was stopped (a TLS handshake cut off, a reset), however the nursery wraps it."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split((*_GONE, _Stop))[1] is None
+    return isinstance(exc, (*_GONE, _Stop))
+
+
 class RespClient:
     """One Redis client connection (the worker's `Session` protocol: run, drain, cancel)."""
 
@@ -118,10 +128,9 @@ class RespClient:
                     self._nursery = nursery
                     await self._serve()
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _Stop):
-            pass
-        except Exception:
-            log.exception("redis session failed", extra={"peer": self.peer})
+        except Exception as exc:  # noqa: BLE001 - a client gone (also inside the nursery's group) is no failure
+            if not _client_gone(exc):
+                log.exception("redis session failed", extra={"peer": self.peer})
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
