@@ -82,6 +82,35 @@ def test_own_notify_comes_back_with_the_pid_the_client_was_given(proxy, org):
         assert note.pid == conn.info.backend_pid
 
 
+def test_own_notify_reaches_a_handler_within_the_notify_statement(proxy, org):
+    """PostgreSQL sends a session its own notification before the ReadyForQuery of the NOTIFY's
+    transaction, so a notify handler has run when execute() returns (psycopg's own tests rely on it)."""
+    with connect(proxy, org) as conn:
+        got: list[tuple[str, int]] = []
+        conn.add_notify_handler(lambda n: got.append((n.payload, n.pid)))
+        conn.execute("LISTEN lsn_handler")
+        conn.execute("NOTIFY lsn_handler, 'n1'")
+        assert got == [("n1", conn.info.backend_pid)]
+        with conn.pipeline():  # a pipeline of notifying statements: each one's before its own result
+            conn.execute("SELECT pg_notify('lsn_handler', 'p1')")
+            conn.execute("SELECT pg_notify('lsn_handler', 'p2')")
+        assert [p for p, _ in got] == ["n1", "p1", "p2"]
+
+
+def test_copy_in_while_listening(proxy, org):
+    """A statement whose text names "notify" (here a table) holds the client's next statements until it
+    ends; never its own COPY data."""
+    with connect(proxy, org) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS notify_log (x int)")
+        conn.execute("LISTEN lsn_copy")
+        with conn.cursor().copy("COPY notify_log FROM STDIN") as copy:
+            for i in range(3):
+                copy.write_row((i,))
+        assert conn.execute("SELECT count(*) >= 3 FROM notify_log").fetchone() == (True,)
+        conn.execute("NOTIFY lsn_copy, 'after copy'")
+        assert payloads(conn, 1) == ["after copy"]
+
+
 def test_listen_inside_a_transaction_takes_effect_at_commit(proxy, org):
     with connect(proxy, org, autocommit=False) as listener, connect(proxy, org) as sender:
         listener.execute("LISTEN lsn_tx_rolled")

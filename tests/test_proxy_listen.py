@@ -24,6 +24,7 @@ from test_proxy_session import (
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.proxy.listen import (
+    MAX_CHANNELS_PER_CLIENT,
     MAX_QUEUED_NOTIFICATIONS,
     ListenerCore,
     notification_channel,
@@ -410,3 +411,22 @@ def test_after_a_statement_that_may_notify_the_next_one_waits_for_it():
     assert c.quiet()
     assert c.resume(2.5) == PROCEED
     assert take(c.to_backend) == query("NOTIFY a") + query("SELECT 1")
+
+
+def test_copy_data_after_a_statement_that_may_notify_is_never_held():
+    """COPY data belongs to the running statement: holding it would wait for ever."""
+    c = core()
+    listen(c, "LISTEN a")
+    attach(c, query("COPY notify_log FROM STDIN"))
+    c.feed_backend(msg(b"G", b"\0\0\0"), 2.0)
+    assert c.feed_client(msg(b"d", b"1\n") + msg(b"c"), 3.0) == PROCEED
+    assert take(c.to_backend) == query("COPY notify_log FROM STDIN") + msg(b"d", b"1\n") + msg(b"c")
+
+
+def test_channels_per_client_are_capped():
+    c = core()
+    c.listens.active = {str(i).encode() for i in range(MAX_CHANNELS_PER_CLIENT)}
+    assert c.feed_client(query("LISTEN one_more"), 1.0) == PROCEED
+    out = take(c.to_client)
+    assert b"54000" in out and str(MAX_CHANNELS_PER_CLIENT).encode() in out and out.endswith(ready())
+    assert c.feed_client(query("LISTEN \"0\""), 1.0) == NEED_LISTEN  # one it listens on already is fine

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.pgwire.framing import MessageReader
@@ -36,6 +37,8 @@ MAX_QUEUED_NOTIFICATIONS = 10_000
 MAX_QUEUED_NOTIFY_BYTES = 4 * 1024 * 1024
 # Notifications are at most ~8 kB of payload: anything much larger from the listener is not one.
 MAX_LISTENER_MESSAGE = 64 * 1024
+# Channels one client may listen on (each costs the worker a little memory for as long as it listens).
+MAX_CHANNELS_PER_CLIENT = 10_000
 
 MAX_UNSENT = 256 * 1024  # bytes already waiting for the client past which notifications queue (capped)
 
@@ -307,6 +310,13 @@ class Listening:
             pending = Pending(Kind.FAKE)
             self.owed.append(pending)
             self._listen_fakes.append((pending, op))
+            return True
+        if op.listen and op.channel not in self.listens.active and len(self.listens.wanted()) >= MAX_CHANNELS_PER_CLIENT:
+            self._granted = False
+            self.counters.errors += 1
+            self._fake(ClientError(codes.PROGRAM_LIMIT_EXCEEDED, f"too many channels LISTENed on one connection (limit "
+                                   f"{MAX_CHANNELS_PER_CLIENT} in transaction mode)", fatal=False).to_bytes(),
+                       ready=True)
             return True
         if self.tx_status == b"I":
             self.listen_request = op

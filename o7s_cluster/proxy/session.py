@@ -47,6 +47,7 @@ NEED_QUIET = 5     # wait until `quiet()`: a statement that may NOTIFY ends befo
 # Frontend message types.
 _QUERY, _PARSE, _BIND, _EXECUTE, _DESCRIBE, _CLOSE, _SYNC, _FLUSH, _FUNCTION, _TERMINATE = b"QPBEDCSHFX"
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = b"dcf"
+_COPY_MESSAGES = frozenset(b"dcf")
 _FRONTEND = frozenset(b"QPBEDCSHFXdcf")
 _STATEMENT = ord("S")
 
@@ -252,7 +253,7 @@ class SessionCore(Listening, BackendRelay):
                     return PROCEED
         if backend is None:
             return NEED_BACKEND
-        if self._notify_ends or self.barrier_wanted:
+        if (self._notify_ends or self.barrier_wanted) and t not in _COPY_MESSAGES:  # COPY data: the running query's
             return NEED_QUIET  # its own notifications come first, as directly: see `Listening.quiet`
         self._granted = False
         self._lazy_sync = False
