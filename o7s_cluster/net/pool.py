@@ -41,6 +41,10 @@ class PoolTimeout(BackendError):
         )
 
 
+class WaitCancelled(Exception):
+    """`Pool.cancel_wait` ended a wait for a connection (its client cancelled the query)."""
+
+
 class Pool:
     """At most `size` server connections; a waiter gets one in FIFO order or a clear error in time.
 
@@ -139,6 +143,16 @@ class Pool:
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def cancel_wait(self, task: trio.lowlevel.Task) -> bool:
+        """End `task`'s wait with WaitCancelled; False when it is not queued (it has a connection, or
+        is opening one). Cheaper than a cancel scope around every wait."""
+        for entry in self._waiters:
+            if entry[0] is task:
+                self._waiters.remove(entry)
+                trio.lowlevel.reschedule(task, outcome.Error(WaitCancelled()))
+                return True
+        return False
 
     def _time_out(self, entry: tuple[trio.lowlevel.Task, float, float]) -> None:
         trio.lowlevel.reschedule(entry[0], outcome.Error(PoolTimeout(self.db_name, entry[2], self.size)))

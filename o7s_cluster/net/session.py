@@ -23,6 +23,7 @@ from o7s_cluster.net.backend import BackendConn, BackendError, send_cancel
 from o7s_cluster.net.channel import AnyChannel, Channel
 from o7s_cluster.net.listener import Listener
 from o7s_cluster.net.login import Login, limit_error
+from o7s_cluster.net.pool import WaitCancelled
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
@@ -103,7 +104,9 @@ class ClientSession:
         self._failure: BaseException | None = None  # what ended the session in a backend's pump
         self._to_client = _Outbox()
         self._to_backend = _Outbox()
-        self._waiting: trio.CancelScope | None = None  # a message's wait for a backend or a token
+        self._waiting: trio.CancelScope | None = None  # a message's wait for a token
+        self._pool_wait: trio.lowlevel.Task | None = None  # the task waiting for a backend for a message
+        self._pool_wait_cancelled = False
         self._cancel_on_send = False  # a cancel came during a wait the message must end on its backend
         self._delivering = False  # a task is sending the client its notifications
         self._quiet: trio.Event | None = None  # set when the core is quiet again (NEED_QUIET)
@@ -412,17 +415,23 @@ class ClientSession:
             if pool.would_wait():
                 self.counters.pool_waits += 1
             started = time.perf_counter()
-            with trio.CancelScope() as self._waiting:
-                try:
-                    conn = await pool.acquire()
-                except BackendError as exc:
-                    core.attach_failed(ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": "
-                                                   f"{exc.reason}", fatal=False))
-                    return
-                finally:
-                    self._waiting = None
-                    self.counters.pool_wait_seconds += time.perf_counter() - started
-            if conn is None:  # the client cancelled its query while it waited
+            # A cancel ends this wait through the pool (`cancel`): no cancel scope per wait.
+            self._pool_wait = trio.lowlevel.current_task()
+            self._pool_wait_cancelled = False
+            try:
+                conn = await pool.acquire()
+            except WaitCancelled:
+                conn = None
+            except BackendError as exc:
+                core.attach_failed(ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": "
+                                               f"{exc.reason}", fatal=False))
+                return
+            finally:
+                self._pool_wait = None
+                self.counters.pool_wait_seconds += time.perf_counter() - started
+            if conn is None or self._pool_wait_cancelled:  # the client cancelled its query while it waited
+                if conn is not None:  # handed over or opened as the cancel came: unused, clean and idle
+                    pool.release(conn)
                 core.wait_cancelled()
                 return
         sql = sync_sql(core.client_params, conn.state.settings)
@@ -555,7 +564,12 @@ class ClientSession:
     def cancel(self) -> None:
         """A CancelRequest with this session's key: reach its backend while one of its queries runs,
         and keep that backend from anyone else until the cancel has landed."""
-        if self._waiting is not None:  # the query waits for a backend or a token: it ends the wait
+        if self._pool_wait is not None:  # the query waits for a backend: it ends the wait
+            self._pool_wait_cancelled = True
+            if self.pool is not None:
+                self.pool.cancel_wait(self._pool_wait)
+            return
+        if self._waiting is not None:  # ... or for a token
             self._waiting.cancel()
             return
         conn = self.conn
