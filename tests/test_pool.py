@@ -189,3 +189,49 @@ async def test_pump_feeds_housekeeping_and_sees_the_server_go(target, pg_server,
     with pytest.raises(BackendError, match="closed"):
         await conn.query_until_ready("select 1")
     await pool.discard(conn)
+
+
+class _Grantee:
+    """A waiter called back in the giver's task (as a session queued with `Pool.enqueue` is)."""
+
+    def __init__(self) -> None:
+        self.got: list[object] = []
+
+    def granted(self, conn) -> None:
+        self.got.append(conn)
+
+    def wait_failed(self, error) -> None:
+        self.got.append(error)
+
+
+async def test_a_queued_grantee_is_handed_a_connection_in_the_givers_task_in_fifo_order(target, nursery):
+    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=5), nursery=nursery)
+    first, second = _Grantee(), _Grantee()
+    assert not pool.enqueue(first)  # a slot is free: the caller opens a connection instead
+    conn = await pool.acquire()
+    assert pool.enqueue(first) and pool.enqueue(second) and pool.waiting == 2
+    pool.release(conn)
+    assert first.got == [conn] and second.got == [] and pool.waiting == 1  # before release returned
+    assert pool.cancel_wait(second) and pool.waiting == 0 and not pool.cancel_wait(second)
+    pool.release(conn)
+    assert second.got == [] and pool.idle == 1
+    await pool.close()
+
+
+async def test_a_queued_grantee_times_out_and_is_granted_a_freed_slot(target, nursery):
+    pool = Pool("pooltest_db", target, 1, PoolSettings(acquire_timeout=0.2), nursery=nursery)
+    conn = await pool.acquire()
+    late, freed = _Grantee(), _Grantee()
+    assert pool.enqueue(late)
+    with trio.fail_after(5):
+        while not late.got:
+            await trio.sleep(0.05)
+    assert isinstance(late.got[0], PoolTimeout) and pool.waiting == 0
+    assert pool.enqueue(freed)
+    await pool.discard(conn)  # its slot goes to the grantee, which opens a connection in it
+    assert freed.got == [None] and pool.in_use == 1
+    fresh = await pool.open_granted_slot()
+    assert await _pid(fresh)
+    pool.release(fresh)
+    assert pool.in_use == 0
+    await pool.close()

@@ -15,6 +15,7 @@ import ssl
 import trio
 
 RECEIVE_SIZE = 65536
+HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing more waits
 _YIELD_EVERY = 16
 
 
@@ -95,3 +96,41 @@ class TLSChannel:
 
 
 AnyChannel = Channel | TLSChannel
+
+
+class Outbox:
+    """One direction's send, shared by the session's task and its backend's pump task: whichever finds
+    it idle sends everything queued, including what the other adds meanwhile; the other only waits when
+    too much is queued."""
+
+    __slots__ = ("busy", "lot")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.lot = trio.lowlevel.ParkingLot()
+
+    async def flush(self, channel: AnyChannel, buf: bytearray) -> None:
+        if self.busy:
+            if len(buf) > HIGH_WATER:
+                await self.lot.park()
+            return
+        self.busy = True
+        try:
+            await channel.send(buf)
+        finally:
+            self.busy = False
+            if self.lot:
+                self.lot.unpark_all()
+
+
+def send_now(outbox: Outbox, channel: AnyChannel, buf: bytearray) -> bool:
+    """Send `buf` from a task that must not wait (a pool's grant): True when the kernel took it all;
+    else the caller flushes the rest in a task that may wait."""
+    if outbox.busy or type(channel) is not Channel:
+        return False
+    try:
+        n = channel.sock.send(buf)
+    except OSError:  # BlockingIOError, or an error the flush reports as it always does
+        return False
+    del buf[:n]
+    return not buf

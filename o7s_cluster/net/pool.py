@@ -8,7 +8,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import outcome
 import trio
@@ -41,6 +41,16 @@ class PoolTimeout(BackendError):
         )
 
 
+class Grantee(Protocol):
+    """A waiter called back in the giver's task rather than woken (a session, see `Pool.enqueue`)."""
+
+    def granted(self, conn: BackendConn | None) -> None:
+        """A connection, or None: a free slot to open one in (already counted as the grantee's)."""
+
+    def wait_failed(self, error: BackendError) -> None:
+        """The wait ran out of time."""
+
+
 class WaitCancelled(Exception):
     """`Pool.cancel_wait` ended a wait for a connection (its client cancelled the query)."""
 
@@ -67,8 +77,8 @@ class Pool:
         self.startup_params = startup_params or {}
         self._nursery = nursery
         self._idle: deque[BackendConn] = deque()
-        # (task, deadline, timeout), oldest first
-        self._waiters: deque[tuple[trio.lowlevel.Task, float, float]] = deque()
+        # (task or grantee, deadline, timeout), oldest first
+        self._waiters: deque[tuple[trio.lowlevel.Task | Grantee, float, float]] = deque()
         self._mixed = False  # waiters with different timeouts (a reload changed it) are queued
         self._nap: trio.CancelScope | None = None  # the watchdog's sleep until the next deadline
         self._watchdog: trio.CancelScope | None = None
@@ -121,13 +131,21 @@ class Pool:
             self.in_use += 1
         return await self._open(start)
 
-    async def _wait(self) -> BackendConn | None:
-        """Queue for a hand-off: a connection, or None for a free slot (counted as ours already)."""
+    def enqueue(self, grantee: Grantee) -> bool:
+        """Queue `grantee` for a hand-off when no connection can be had now (else False: `acquire`
+        opens one). Its `granted` is called by whoever gives a connection back, in that task: the
+        waiting session needs no task of its own woken to go on."""
+        if self.in_use < self.size and not self._waiters:
+            return False
+        self._queue(grantee)
+        return True
+
+    def _queue(self, waiter: trio.lowlevel.Task | Grantee) -> tuple[trio.lowlevel.Task | Grantee, float, float]:
         timeout = self.settings.acquire_timeout  # read per wait: a reload (SIGHUP) may change it
         waiters = self._waiters
         if waiters and waiters[-1][2] != timeout:
             self._mixed = True  # deadlines are no longer in queue order
-        entry = (trio.lowlevel.current_task(), trio.current_time() + timeout, timeout)
+        entry = (waiter, trio.current_time() + timeout, timeout)
         waiters.append(entry)
         self._waited = True
         if self._watchdog is None:
@@ -137,6 +155,12 @@ class Pool:
             self._watchdog_lot.unpark_all()
         elif self._nap is not None and entry[1] < self._nap.deadline:
             self._nap.cancel()  # this wait ends before the one the watchdog sleeps for
+        return entry
+
+    async def _wait(self) -> BackendConn | None:
+        """Queue for a hand-off: a connection, or None for a free slot (counted as ours already)."""
+        waiters = self._waiters
+        entry = self._queue(trio.lowlevel.current_task())
 
         def abort(_: object) -> trio.lowlevel.Abort:
             waiters.remove(entry)
@@ -144,18 +168,31 @@ class Pool:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def cancel_wait(self, task: trio.lowlevel.Task) -> bool:
-        """End `task`'s wait with WaitCancelled; False when it is not queued (it has a connection, or
-        is opening one). Cheaper than a cancel scope around every wait."""
+    def cancel_wait(self, waiter: trio.lowlevel.Task | Grantee) -> bool:
+        """Take `waiter` out of the queue (a task's wait ends with WaitCancelled); False when it is not
+        queued (it has a connection, or is opening one). Cheaper than a cancel scope around every wait."""
         for entry in self._waiters:
-            if entry[0] is task:
+            if entry[0] is waiter:
                 self._waiters.remove(entry)
-                trio.lowlevel.reschedule(task, outcome.Error(WaitCancelled()))
+                if type(waiter) is trio.lowlevel.Task:
+                    trio.lowlevel.reschedule(waiter, outcome.Error(WaitCancelled()))
                 return True
         return False
 
-    def _time_out(self, entry: tuple[trio.lowlevel.Task, float, float]) -> None:
-        trio.lowlevel.reschedule(entry[0], outcome.Error(PoolTimeout(self.db_name, entry[2], self.size)))
+    def _time_out(self, entry: tuple[trio.lowlevel.Task | Grantee, float, float]) -> None:
+        error = PoolTimeout(self.db_name, entry[2], self.size)
+        waiter = entry[0]
+        if type(waiter) is trio.lowlevel.Task:
+            trio.lowlevel.reschedule(waiter, outcome.Error(error))
+        else:
+            waiter.wait_failed(error)
+
+    @staticmethod
+    def _hand(waiter: trio.lowlevel.Task | Grantee, conn: BackendConn | None) -> None:
+        if type(waiter) is trio.lowlevel.Task:
+            trio.lowlevel.reschedule(waiter, outcome.Value(conn))
+        else:
+            waiter.granted(conn)
 
     async def _watch_waiters(self, scope: trio.CancelScope) -> None:
         """End every wait at its deadline with PoolTimeout. Waiters share one timeout, so the oldest
@@ -189,6 +226,10 @@ class Pool:
             await trio.sleep_forever()
         self._nap = None
 
+    async def open_granted_slot(self) -> BackendConn:
+        """Open a connection in the slot a grantee was granted (`granted(None)`)."""
+        return await self._open(time.monotonic())
+
     async def _open(self, start: float) -> BackendConn:
         """Open a connection in a slot already counted in `in_use`; the slot is given on if that fails."""
         try:
@@ -206,7 +247,7 @@ class Pool:
 
     def _free_slot(self) -> None:
         if self._waiters:
-            trio.lowlevel.reschedule(self._waiters.popleft()[0], outcome.Value(None))
+            self._hand(self._waiters.popleft()[0], None)
         else:
             self.in_use -= 1
 
@@ -225,7 +266,7 @@ class Pool:
             self._free_slot()
             return
         if self._waiters:
-            trio.lowlevel.reschedule(self._waiters.popleft()[0], outcome.Value(conn))
+            self._hand(self._waiters.popleft()[0], conn)
             return
         self.in_use -= 1
         conn.last_used = time.monotonic()

@@ -20,14 +20,14 @@ import trio
 
 from o7s_cluster.limits.errors import LimitError
 from o7s_cluster.net.backend import BackendConn, BackendError, send_cancel
-from o7s_cluster.net.channel import AnyChannel, Channel
+from o7s_cluster.net.channel import AnyChannel, Channel, Outbox
+from o7s_cluster.net.attach import Attaching
 from o7s_cluster.net.listener import Listener
 from o7s_cluster.net.login import Login, limit_error
 from o7s_cluster.net.pool import WaitCancelled
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
-from o7s_cluster.proxy.params import SYNCED_REPORTED, sync_sql
 from o7s_cluster.proxy.relay import RELEASE
 from o7s_cluster.proxy.session import (
     NEED_BACKEND,
@@ -48,35 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("o7s.session")
 _NOBODY = OrgCounters("_unauthenticated", "none")
-HIGH_WATER = 256 * 1024  # bytes queued for one peer before the task producing more waits
 
 
-class _Outbox:
-    """One direction's send, shared by the session's task and its backend's pump task: whichever finds
-    it idle sends everything queued, including what the other adds meanwhile; the other only waits when
-    too much is queued."""
-
-    __slots__ = ("busy", "lot")
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.lot = trio.lowlevel.ParkingLot()
-
-    async def flush(self, channel: AnyChannel, buf: bytearray) -> None:
-        if self.busy:
-            if len(buf) > HIGH_WATER:
-                await self.lot.park()
-            return
-        self.busy = True
-        try:
-            await channel.send(buf)
-        finally:
-            self.busy = False
-            if self.lot:
-                self.lot.unpark_all()
-
-
-class ClientSession:
+class ClientSession(Attaching):
     def __init__(self, server: Server, sock: socket.socket, peer: str, *, preread: bytes = b"",
                  tls_pending: bool = False, handed_off: bool = False) -> None:
         self.server = server
@@ -102,11 +76,15 @@ class ClientSession:
         self._attached_at = 0.0
         self._serve_scope = trio.CancelScope()
         self._failure: BaseException | None = None  # what ended the session in a backend's pump
-        self._to_client = _Outbox()
-        self._to_backend = _Outbox()
+        self._to_client = Outbox()
+        self._to_backend = Outbox()
         self._waiting: trio.CancelScope | None = None  # a message's wait for a token
         self._pool_wait: trio.lowlevel.Task | None = None  # the task waiting for a backend for a message
         self._pool_wait_cancelled = False
+        self._queued = False  # in the pool's queue: its grant goes on where the client task left off
+        self._queued_at = 0.0
+        self._helpers: trio.Nursery | None = None  # what goes on after a grant that must wait
+        self._helping: trio.Event | None = None  # set when the helper that drives the core is done
         self._cancel_on_send = False  # a cancel came during a wait the message must end on its backend
         self._delivering = False  # a task is sending the client its notifications
         self._quiet: trio.Event | None = None  # set when the core is quiet again (NEED_QUIET)
@@ -271,10 +249,32 @@ class ClientSession:
     # --- serving -------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        error: Exception | None = None
         with self._serve_scope:
-            await self._client_loop()
+            async with trio.open_nursery() as self._helpers:
+                try:
+                    await self._client_loop()
+                except Exception as exc:  # raised as it is, not in the nursery's exception group
+                    error = exc
+                finally:
+                    self._leave_queue()
+                    self._helpers.cancel_scope.cancel()
+        if error is not None:
+            raise error
         if self._failure is not None:
             raise self._failure
+
+    def _leave_queue(self) -> None:
+        if self._queued:
+            self._queued = False
+            assert self.pool is not None
+            self.pool.cancel_wait(self)
+
+    def _fail(self, exc: BaseException) -> None:
+        """End the session from a task that is not its own (as if its own task had raised `exc`)."""
+        if self._failure is None:
+            self._failure = exc
+        self._serve_scope.cancel()
 
     async def _client_loop(self) -> None:
         core = self.core
@@ -282,7 +282,7 @@ class ClientSession:
         channel = self.channel
         timeout = self.settings.message_timeout
         while True:
-            if core.partial_input():
+            if core.partial_input() and not self._queued:  # (queued: a whole message waits for a backend)
                 with trio.move_on_after(timeout) as scope:
                     data = await channel.receive()
                 if scope.cancelled_caught:
@@ -292,28 +292,39 @@ class ClientSession:
                 data = await channel.receive()
             if not data:
                 return
-            action = core.feed_client(data, time.perf_counter())
-            while action is not PROCEED:
-                if action == NEED_BACKEND:
-                    await self._attach()
-                elif action == NEED_TOKEN:
-                    await self._wait_token()
-                elif action == NEED_LISTEN:
-                    await self._listen()
-                elif action == NEED_QUIET:
-                    await self._wait_quiet()
-                elif action == TERMINATE:
-                    if core.to_backend:
-                        await self._flush_backend()
-                    return
-                action = core.resume(time.perf_counter())
-            self.server.input_budget.check(self, core.input_buffered())
-            if core.listen_changed:
-                await self._listen_changed()
-            if core.to_backend:
-                await self._flush_backend()
-            if core.to_client:
-                await self._flush_client()
+            while self._helping is not None:  # a helper drives the core after a grant: it goes first
+                await self._helping.wait()
+            if not await self._drive(core.feed_client(data, time.perf_counter())):
+                return
+
+    async def _drive(self, action: int) -> bool:
+        """Apply what the core asks and send what it made; False when the client said goodbye."""
+        core = self.core
+        assert core is not None
+        while action is not PROCEED:
+            if action == NEED_BACKEND:
+                if not await self._attach():
+                    self.server.input_budget.check(self, core.input_buffered())
+                    return True  # queued: the pool's grant goes on from here
+            elif action == NEED_TOKEN:
+                await self._wait_token()
+            elif action == NEED_LISTEN:
+                await self._listen()
+            elif action == NEED_QUIET:
+                await self._wait_quiet()
+            elif action == TERMINATE:
+                if core.to_backend:
+                    await self._flush_backend()
+                return False
+            action = core.resume(time.perf_counter())
+        self.server.input_budget.check(self, core.input_buffered())
+        if core.listen_changed:
+            await self._listen_changed()
+        if core.to_backend:
+            await self._flush_backend()
+        if core.to_client:
+            await self._flush_client()
+        return True
 
     async def backend_data(self, data: memoryview | bytes) -> None:
         """What the attached backend sent (b'' when it closed), from its pump task.
@@ -402,60 +413,6 @@ class ClientSession:
         counters.backend_connections -= 1
         counters.backend_seconds += time.perf_counter() - self._attached_at
         return conn
-
-    async def _attach(self) -> None:
-        """A backend for the message at the front, with the client's settings; or the error instead."""
-        core = self.core
-        pool = self.pool
-        assert core is not None and pool is not None
-        if core.to_client:
-            await self._flush_client()
-        conn = pool.try_acquire()
-        if conn is None:
-            if pool.would_wait():
-                self.counters.pool_waits += 1
-            started = time.perf_counter()
-            # A cancel ends this wait through the pool (`cancel`): no cancel scope per wait.
-            self._pool_wait = trio.lowlevel.current_task()
-            self._pool_wait_cancelled = False
-            try:
-                conn = await pool.acquire()
-            except WaitCancelled:
-                conn = None
-            except BackendError as exc:
-                core.attach_failed(ClientError(exc.sqlstate, f"could not connect to database \"{self.db_name}\": "
-                                               f"{exc.reason}", fatal=False))
-                return
-            finally:
-                self._pool_wait = None
-                self.counters.pool_wait_seconds += time.perf_counter() - started
-            if conn is None or self._pool_wait_cancelled:  # the client cancelled its query while it waited
-                if conn is not None:  # handed over or opened as the cancel came: unused, clean and idle
-                    pool.release(conn)
-                core.wait_cancelled()
-                return
-        sql = sync_sql(core.client_params, conn.state.settings)
-        if sql:
-            try:
-                await conn.query_until_ready(sql, timeout=self.settings.server_connect_timeout)
-            except BackendError as exc:
-                conn.state.settings.applied.clear()
-                await pool.discard(conn)
-                # Most likely a start-up setting of the client's that the server refuses: drop the client's
-                # settings so that the session stays usable, and say so.
-                known = pool.server_params or {}
-                core.client_params.clear()
-                core.client_params.update((k, v) for k, v in known.items() if k in SYNCED_REPORTED)
-                core.attach_failed(ClientError(
-                    exc.sqlstate, f"could not apply your session settings on database \"{self.db_name}\": "
-                    f"{exc.reason.partition(' ')[2] or exc.reason}",
-                    hint="Your settings were reset to the server's defaults; SET them again.", fatal=False))
-                return
-            except BaseException:
-                conn.state.settings.applied.clear()
-                await pool.discard(conn)
-                raise
-        self._attach_conn(conn)
 
     async def _wait_token(self) -> None:
         core = self.core
@@ -564,7 +521,14 @@ class ClientSession:
     def cancel(self) -> None:
         """A CancelRequest with this session's key: reach its backend while one of its queries runs,
         and keep that backend from anyone else until the cancel has landed."""
-        if self._pool_wait is not None:  # the query waits for a backend: it ends the wait
+        if self._queued:  # the query waits for a backend: it ends the wait
+            assert self.pool is not None
+            if self.pool.cancel_wait(self):
+                self._queued = False
+                self.counters.pool_wait_seconds += time.perf_counter() - self._queued_at
+                self._help(self._refuse_and_drive(WaitCancelled()))
+            return
+        if self._pool_wait is not None:  # ... (while a connection is opened for it)
             self._pool_wait_cancelled = True
             if self.pool is not None:
                 self.pool.cancel_wait(self._pool_wait)
