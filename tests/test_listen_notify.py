@@ -324,6 +324,45 @@ def test_asyncpg_add_listener(proxy, org):
     asyncio.run(asyncio.wait_for(body(), 45))
 
 
+def test_asyncpg_listeners_hold_no_pooled_backend(proxy, small, pool_mode):
+    """asyncpg LISTENs through the extended protocol (a prepared statement): more of its listeners than
+    pool slots, and the org's last connection still gets a backend at once."""
+    if pool_mode != "transaction":
+        pytest.skip("session mode: each client has its own backend, listeners included")
+
+    async def body() -> None:
+        kw = dict(host=proxy.host, port=proxy.port, user=small.name, password=small.password,
+                  database=small.dbname, ssl=False, timeout=10)
+        listeners = [await asyncpg.connect(**kw) for _ in range(FREE_POOL + 1)]
+        try:
+            got: asyncio.Queue = asyncio.Queue()
+            for conn in listeners:
+                await conn.add_listener("lsn_apg_slots", lambda c, pid, ch, payload: got.put_nowait(payload))
+            other = await asyncpg.connect(**kw)
+            started = time.monotonic()
+            await other.execute("NOTIFY lsn_apg_slots, 'x'")
+            assert time.monotonic() - started < 2, "waited for a backend a listener holds"
+            await other.close()
+            assert [await asyncio.wait_for(got.get(), WAIT) for _ in listeners] == ["x"] * len(listeners)
+        finally:
+            for conn in listeners:
+                await conn.close()
+
+    asyncio.run(asyncio.wait_for(body(), 45))
+
+
+def test_listen_through_the_extended_protocol(proxy, org):
+    with connect(proxy, org) as listener, connect(proxy, org) as sender:
+        listener.execute("LISTEN lsn_ext_unnamed", binary=True)  # Parse/Bind/Execute/Sync, unnamed
+        listener.execute("LISTEN lsn_ext_named", prepare=True)   # a named, prepared statement
+        sender.execute("NOTIFY lsn_ext_unnamed, 'u'")
+        sender.execute("NOTIFY lsn_ext_named, 'n'")
+        assert sorted(payloads(listener, 2)) == ["n", "u"]
+        listener.execute("UNLISTEN *", prepare=True)
+        sender.execute("NOTIFY lsn_ext_named, 'gone'")
+        assert list(listener.notifies(timeout=QUIET)) == []
+
+
 def test_listening_from_threads_while_others_query(proxy, org):
     """Listeners waiting in notifies() from threads while other clients run transactions: all return."""
     got: dict[int, list[str]] = {}

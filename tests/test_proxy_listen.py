@@ -6,15 +6,21 @@ import struct
 
 import pytest
 from test_proxy_session import (
+    BIND_DONE,
+    PARSE_DONE,
     PROCEED,
     ROWDESC,
+    SYNC,
     attach,
     backend_says,
+    bind,
     complete,
     core,
     error,
+    execute,
     messages,
     msg,
+    parse,
     query,
     ready,
     row,
@@ -430,3 +436,84 @@ def test_channels_per_client_are_capped():
     out = take(c.to_client)
     assert b"54000" in out and str(MAX_CHANNELS_PER_CLIENT).encode() in out and out.endswith(ready())
     assert c.feed_client(query("LISTEN \"0\""), 1.0) == NEED_LISTEN  # one it listens on already is fine
+
+
+# --- the extended protocol (asyncpg's add_listener, pgjdbc, pgx) -------------------------------------
+
+
+def describe(kind: bytes, name: bytes = b"") -> bytes:
+    return msg(b"D", kind + name + b"\0")
+
+
+def test_asyncpg_add_listener_needs_no_backend():
+    """asyncpg prepares the LISTEN (Parse, Describe, Sync), then runs it (Bind, Execute, Sync)."""
+    c = core()
+    name = b"__asyncpg_stmt_1__"
+    assert c.feed_client(parse(name, 'LISTEN "ch"') + describe(b"S", name) + SYNC, 1.0) == PROCEED
+    assert messages(take(c.to_client)) == [b"1", b"t", b"n", b"Z"]
+    assert c.feed_client(bind(name) + execute() + SYNC, 2.0) == NEED_LISTEN
+    assert c.listen_target() == {b"ch"}
+    c.listen_done(None)
+    assert c.resume(2.0) == PROCEED
+    assert take(c.to_client) == BIND_DONE + complete("LISTEN") + ready()
+    assert c.to_backend == b"" and c.backend is None and c.listens.active == {b"ch"}
+    c.feed_client(parse(b"__asyncpg_stmt_2__", 'UNLISTEN "ch"') + describe(b"S", b"__asyncpg_stmt_2__") + SYNC, 3.0)
+    take(c.to_client)
+    assert c.feed_client(bind(b"__asyncpg_stmt_2__") + execute() + SYNC, 3.0) == NEED_LISTEN
+    c.listen_done(None)
+    c.resume(3.0)
+    assert take(c.to_client) == BIND_DONE + complete("UNLISTEN") + ready() and c.listens.active == set()
+
+
+def test_one_batch_of_an_unnamed_listen_is_answered_here():
+    c = core()
+    batch = parse(b"", "LISTEN jobs") + bind(b"") + describe(b"P") + execute() + SYNC
+    assert c.feed_client(batch, 1.0) == NEED_LISTEN
+    c.listen_done(None)
+    assert c.resume(1.0) == PROCEED
+    assert take(c.to_client) == PARSE_DONE + BIND_DONE + msg(b"n") + complete("LISTEN") + ready()
+    assert c.to_backend == b"" and c.listens.active == {b"jobs"}
+
+
+def test_an_extended_listen_the_listener_cannot_serve_fails_its_batch():
+    c = core()
+    assert c.feed_client(parse(b"", "LISTEN jobs") + bind(b"") + execute() + SYNC, 1.0) == NEED_LISTEN
+    c.listen_done(ClientError("08006", "no listener", fatal=False))
+    assert c.resume(1.0) == PROCEED
+    assert messages(take(c.to_client)) == [b"1", b"2", b"E", b"Z"]
+    assert c.listens.active == set() and not c.unsynced
+
+
+def test_an_extended_listen_inside_a_block_takes_effect_at_commit():
+    c = core()
+    attach(c, query("BEGIN"))
+    c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0)
+    take(c.to_client)
+    c.to_backend.clear()
+    assert c.feed_client(parse(b"", "LISTEN jobs") + bind(b"") + execute() + SYNC, 3.0) == PROCEED
+    assert take(c.to_client) == PARSE_DONE + BIND_DONE + complete("LISTEN") + ready(b"T")
+    assert c.to_backend == b"" and c.listens.active == set() and c.listens.wanted() == {b"jobs"}
+    c.feed_client(query("COMMIT"), 4.0)
+    assert backend_says(c, complete("COMMIT") + ready(), 5.0) == RELEASE
+    assert c.listens.active == {b"jobs"}
+
+
+def test_other_extended_statements_are_not_taken_over():
+    c = core()
+    batch = parse(b"", "SELECT 1") + bind(b"") + execute() + SYNC
+    assert c.feed_client(batch, 1.0) == NEED_BACKEND
+    attach_rest = c
+    attach_rest.attached(BackendState())
+    assert c.resume(1.0) == PROCEED
+    assert take(c.to_backend) == batch
+    named = core()
+    assert named.feed_client(parse(b"s1", "LISTEN a") + SYNC, 1.0) == PROCEED
+    assert named.feed_client(parse(b"s1", "SELECT 1") + SYNC, 1.0) == PROCEED  # redefined: no longer a LISTEN
+    assert named.feed_client(bind(b"s1") + execute() + SYNC, 2.0) == NEED_BACKEND
+
+
+@pytest.mark.parametrize("spelling", ["UTF8", "utf-8", "'utf-8'", "utf8", "Unicode"])
+def test_utf8_however_the_client_spells_it(spelling):
+    c = core()
+    c.client_params["client_encoding"] = spelling  # asyncpg sends 'utf-8'
+    assert c.feed_client(query("LISTEN a"), 1.0) == NEED_LISTEN

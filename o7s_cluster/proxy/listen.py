@@ -52,7 +52,19 @@ _LISTEN = re.compile(
     re.IGNORECASE,
 )
 _HEAD = re.compile(rb"\s*(?:un)?listen\b", re.IGNORECASE)
+_PARSE, _BIND, _DESCRIBE, _EXECUTE, _SYNC, _FLUSH, _CLOSE = b"PBDESHC"
+_STATEMENT = ord("S")
+_BIND_COMPLETE = b"2\x00\x00\x00\x04"
+_NO_DATA = b"n\x00\x00\x00\x04"
+_NO_PARAMETERS = b"t\x00\x00\x00\x06\x00\x00"  # ParameterDescription of none
 _NOTIFY = re.compile(rb"notify", re.IGNORECASE)
+
+
+def speaks_utf8(params: dict[str, str]) -> bool:
+    """The client's encoding is UTF8 (as the listener connection's is), however the client spelled it
+    (asyncpg sends `'utf-8'`, quotes included)."""
+    name = params.get("client_encoding", "UTF8").strip("'\" ").replace("-", "").replace("_", "").upper()
+    return name in ("UTF8", "UNICODE")
 
 
 def may_notify(sql: bytes | bytearray) -> bool:
@@ -227,6 +239,14 @@ class Listening:
     owed: deque[Pending]
     _listen_fakes: deque[tuple[Pending, ListenOp]]
     _notify_ends: deque[Pending]
+    _listen_statements: dict[bytes, ListenOp]
+    _listen_unnamed: ListenOp | None
+    _listen_portal: ListenOp | None
+    _listen_in_batch: bool
+    _local_batch: bool
+    _lazy_sync: bool
+    skip_until_sync: bool
+    _sync_to_backend: bool
     unsynced: bool
     tx_status: bytes
     to_client: bytearray
@@ -242,6 +262,21 @@ class Listening:
 
         def _fake(self, data: bytes, *, ready: bool = False) -> None: ...
 
+    def _init_listen(self) -> None:
+        """The client's channels, served by the worker's listener (transaction mode)."""
+        self.listens = ClientListens()
+        self.listen_request = None  # the LISTEN/UNLISTEN at the front (NEED_LISTEN)
+        self.listen_changed = False  # the channels the listener must serve changed: tell it
+        self._notified = False      # the client listens and its batch since the last Sync may NOTIFY
+        self._notify_ends = deque()  # owed Query/Sync answers that end a statement that may NOTIFY
+        self._block_notified = False  # such a statement ran in the open transaction block
+        self._listen_fakes = deque()  # LISTENs answered in order
+        self._listen_statements = {}  # the client's named statements that LISTEN
+        self._listen_unnamed = None  # the unnamed statement O7s answered: a LISTEN
+        self._listen_portal = None   # the unnamed portal bound to one
+        self._listen_in_batch = False  # listen_request comes from an Execute (no ReadyForQuery of its own)
+        self._local_batch = False      # the extended-protocol batch so far is O7s's (a LISTEN's)
+
     def listen_target(self) -> set[bytes]:
         """The channels the client will listen on once the LISTEN/UNLISTEN at the front is done."""
         return self.listens.after(self.listen_request)
@@ -252,12 +287,17 @@ class Listening:
         assert op is not None
         self._granted = False
         self._cpos += 1 + _I32.unpack_from(self._cbuf, self._cpos + 1)[0]
+        batch, self._listen_in_batch = self._listen_in_batch, False
         if error is None:
             self.listens.apply(op)
-            self._fake(m.command_complete(op.tag), ready=True)
+            self._fake(m.command_complete(op.tag), ready=not batch)
         else:
             self.counters.errors += 1
-            self._fake(error.to_bytes(), ready=True)
+            self._fake(error.to_bytes(), ready=not batch)
+            if batch:  # as after any error in a batch: the rest of it is skipped, its Sync answered here
+                self._local_batch = self.unsynced = False  # nothing of it went to a backend
+                self.skip_until_sync = True
+                self._sync_to_backend = False
 
     def notification(self, message: bytes) -> bool:
         """A notification from the listener: sent now if the client is between transactions, else queued
@@ -267,6 +307,92 @@ class Listening:
         if self.idle() and self.listen_request is None and len(self.to_client) < MAX_UNSENT:
             self.listens.take(self.to_client)
         return True
+
+    def _batch_local(self) -> bool:
+        """The extended-protocol batch so far is O7s's own (or none has started), outside a failed block."""
+        return ((self._local_batch or (not self.unsynced and not any(not p.hidden for p in self.owed)))
+                and self.tx_status != b"E"
+                and speaks_utf8(self.client_params))
+
+    def _listen_ext(self, t: int, s: int, e: int) -> bool | None:
+        """LISTEN/UNLISTEN through the extended protocol (asyncpg's `add_listener` prepares it; pgjdbc and
+        pgx send Parse/Bind/Execute/Sync): a batch that only runs such a statement is answered here, as
+        `_listen` does for a Query. None: not such a message (it goes the usual way)."""
+        buf = self._cbuf
+        if t == _PARSE:
+            name_end = buf.find(b"\x00", s + 5, e)
+            if name_end < 0 or not _HEAD.match(buf, name_end + 1, e):
+                if self._listen_statements and name_end > s + 5:
+                    self._listen_statements.pop(bytes(buf[s + 5:name_end]), None)
+                return None
+            name = bytes(buf[s + 5:name_end])
+            text_end = buf.find(b"\x00", name_end + 1, e)
+            op = None
+            if text_end > 0 and buf[text_end + 1:text_end + 3] == b"\x00\x00":  # no parameter types
+                op = parse_listen(buf, name_end + 1, text_end)
+            if name:
+                if op is not None and len(self._listen_statements) < MAX_CHANNELS_PER_CLIENT:
+                    self._listen_statements[name] = op
+                else:
+                    self._listen_statements.pop(name, None)
+                return None  # a named statement like any other, so that every other use of it works
+            if op is None or not self._batch_local():
+                self._listen_unnamed = None
+                return None
+            self._listen_unnamed = op
+            self._local_batch = self.unsynced = True
+            self._fake(m.parse_complete())
+            return True
+        if t == _BIND:
+            portal, stmt, _ = m.split_bind(bytes(buf[s + 5:e]))
+            op = self._listen_statements.get(stmt) if stmt else self._listen_unnamed
+            if op is None or portal or not self._batch_local():
+                return None
+            self._listen_portal = op
+            self._local_batch = self.unsynced = True
+            self._fake(_BIND_COMPLETE)
+            return True
+        if t == _DESCRIBE:
+            kind, name = m.split_describe_close(bytes(buf[s + 5:e]))
+            if kind == _STATEMENT:
+                op = self._listen_statements.get(name) if name else self._listen_unnamed
+                if op is None or not self._batch_local():
+                    return None
+                self._local_batch = self.unsynced = True
+                self._fake(_NO_PARAMETERS + _NO_DATA)
+                return True
+            if name or self._listen_portal is None or not self._local_batch:
+                return None
+            self._fake(_NO_DATA)
+            return True
+        if not self._local_batch:
+            if t == _CLOSE and self._listen_statements:
+                kind, name = m.split_describe_close(bytes(buf[s + 5:e]))
+                if kind == _STATEMENT:
+                    self._listen_statements.pop(name, None)
+            return None
+        if t == _EXECUTE:
+            op = self._listen_portal
+            if op is None or buf[s + 5] != 0:
+                return None
+            self._listen_portal = None
+            self._granted = False
+            if self.tx_status == b"I":
+                self.listen_request = op
+                self._listen_in_batch = True
+                return False
+            self.listens.pending.append(op)
+            self.listen_changed = op.listen
+            self._fake(m.command_complete(op.tag))
+            return True
+        if t == _SYNC:
+            self._local_batch = self.unsynced = self._lazy_sync = False
+            self._listen_portal = None
+            self._fake(m.ready_for_query(self.tx_status))
+            return True
+        if t == _FLUSH:
+            return True
+        return None
 
     def _listen_in_order(self, op: ListenOp, out: bytearray) -> None:
         """A pipelined LISTEN/UNLISTEN reached the front: it takes effect as the transaction status now
@@ -302,7 +428,7 @@ class Listening:
         True: answered here; False: the listener must serve it first (NEED_LISTEN, then `listen_done`)."""
         op = parse_listen(self._cbuf, s + 5, e - 1)
         if (op is None or self.unsynced
-                or self.client_params.get("client_encoding", "UTF8") != "UTF8"):  # the listener speaks UTF8
+                or not speaks_utf8(self.client_params)):  # the listener speaks UTF8
             return None
         if any(not p.hidden for p in self.owed):
             # Behind answers still owed (a pipeline): it takes effect, and is answered, in its turn.

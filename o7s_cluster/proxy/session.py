@@ -22,7 +22,7 @@ from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy import owed
 from o7s_cluster.proxy.backend import BackendState
-from o7s_cluster.proxy.listen import ClientListens, Listening, ListenOp, may_notify
+from o7s_cluster.proxy.listen import Listening, may_notify
 from o7s_cluster.proxy.owed import Kind, Pending
 from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state
 from o7s_cluster.proxy.relay import BackendRelay, Counters
@@ -116,14 +116,7 @@ class SessionCore(Listening, BackendRelay):
         self.pinned = ""            # why the client keeps its backend ('' when it does not)
         self.backend_fatal = False  # the backend said it is terminating the session
         self.draining = False
-        # LISTEN/NOTIFY (transaction mode): the client's channels, served by the worker's listener.
-        self.listens = ClientListens()
-        self.listen_request: ListenOp | None = None  # the LISTEN/UNLISTEN at the front (NEED_LISTEN)
-        self.listen_changed = False  # the channels the listener must serve changed: tell it
-        self._notified = False      # the client listens and its batch since the last Sync may NOTIFY
-        self._notify_ends: deque[Pending] = deque()  # owed Query/Sync answers that end a statement that may NOTIFY
-        self._block_notified = False  # such a statement ran in the open transaction block
-        self._listen_fakes: deque[tuple[Pending, ListenOp]] = deque()  # LISTENs answered in order
+        self._init_listen()  # LISTEN/NOTIFY in transaction mode (proxy.listen)
         self.barrier_wanted = False  # hold the ReadyForQuery until the listener relayed what they sent
 
     # --- the shell's view -------------------------------------------------------------------
@@ -235,6 +228,10 @@ class SessionCore(Listening, BackendRelay):
         backend = self.backend
         if self.transaction_mode:
             if t == _QUERY and (taken := self._listen(s, e)) is not None:
+                return PROCEED if taken else NEED_LISTEN
+            if ((t == _PARSE or self._local_batch or ((t == _BIND or t == _DESCRIBE or t == _CLOSE)
+                                                      and (self._listen_statements or self._listen_unnamed)))
+                    and (taken := self._listen_ext(t, s, e)) is not None):
                 return PROCEED if taken else NEED_LISTEN
             if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e):
                 self._granted = False
