@@ -210,12 +210,12 @@ def test_cancel(proxy, org):
             await conn.close()
             await bystander.close()
         # statement_timeout given at startup (server_settings), which follows the session on every backend.
-        conn = await connect(proxy, org, server_settings={"statement_timeout": "200"})
+        conn = await connect(proxy, org, server_settings={"statement_timeout": "1000"})
         try:
             for _ in range(3):
                 with pytest.raises(asyncpg.QueryCanceledError):
                     await conn.fetchval("SELECT pg_sleep(5)")
-            assert await conn.fetchval("SHOW statement_timeout") == "200ms"
+            assert await conn.fetchval("SHOW statement_timeout") == "1s"
         finally:
             await conn.close()
 

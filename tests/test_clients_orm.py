@@ -147,7 +147,7 @@ def test_sqlalchemy_error_then_usable(engine):
 def test_sqlalchemy_cancel(proxy, org, engine):
     # statement_timeout given as a startup option: it must hold on every backend the session uses.
     eng = sa.create_engine(url(proxy, org, "psycopg"), pool_size=1, connect_args={
-        "connect_timeout": 10, "sslmode": "disable", "options": "-c statement_timeout=200"})
+        "connect_timeout": 10, "sslmode": "disable", "options": "-c statement_timeout=1000"})
     try:
         with eng.connect() as c:
             for _ in range(3):
@@ -157,7 +157,7 @@ def test_sqlalchemy_cancel(proxy, org, engine):
                 assert ei.value.orig.sqlstate == "57014"
                 assert time.monotonic() - t0 < CANCELLED_WITHIN
                 c.rollback()
-            assert c.scalar(sa.text("SHOW statement_timeout")) == "200ms"
+            assert c.scalar(sa.text("SHOW statement_timeout")) == "1s"
     finally:
         eng.dispose()
     # The driver's cancel from another thread, on a pooled connection.
@@ -291,7 +291,7 @@ def test_sqlalchemy_async_cancel(proxy, org):
                 assert await c.scalar(sa.text("SELECT 'after cancel'")) == "after cancel"
         finally:
             await eng.dispose()
-        eng = await _async_engine(proxy, org, server_settings={"statement_timeout": "200"})
+        eng = await _async_engine(proxy, org, server_settings={"statement_timeout": "1000"})
         try:
             async with eng.connect() as c:
                 with pytest.raises(saexc.DBAPIError) as ei:

@@ -144,9 +144,10 @@ def test_a_large_query_streams_through_rather_than_being_held(bounded, org):
             conns.append(c)
         grown = worker_rss(bounded) - before
         assert grown < 32 * MIB, f"the worker grew by {grown / MIB:.0f} MiB holding partial queries"
-        # The one that finishes gets its answer.
-        conns[0].sock.sendall(sql[-100:] + b"\0")
-        msgs = conns[0].recv_until(b"Z")
+        # The one that finishes gets its answer: the last one, whose message has waited only for the RSS
+        # reading (the first ones may wait past --message-timeout while the others are sent, on a busy machine).
+        conns[-1].sock.sendall(sql[-100:] + b"\0")
+        msgs = conns[-1].recv_until(b"Z")
         assert [t for t, _ in msgs][-3:] == [b"D", b"C", b"Z"]
     finally:
         for c in conns:

@@ -202,8 +202,8 @@ async function cancel() {
       const e = await rejects(c.query('SELECT pg_sleep(5)'), 'the startup statement_timeout')
       eq(e.code, '57014', 'sqlstate')
     }
-    eq((await c.query('SHOW statement_timeout')).rows[0].statement_timeout, '200ms', 'statement_timeout')
-  }, { statement_timeout: 200 })
+    eq((await c.query('SHOW statement_timeout')).rows[0].statement_timeout, '1s', 'statement_timeout')
+  }, { statement_timeout: 1000 })
 }
 
 async function poolConcurrent() {

@@ -193,8 +193,8 @@ async function cancel() {
       eq(e.code, '57014', 'sqlstate')
     }
     const [row] = await sql`SHOW statement_timeout`
-    eq(row.statement_timeout, '200ms', 'statement_timeout')
-  }, { connection: { statement_timeout: 200 } })
+    eq(row.statement_timeout, '1s', 'statement_timeout')
+  }, { connection: { statement_timeout: 1000 } })
 }
 
 async function poolConcurrent() {
