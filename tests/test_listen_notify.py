@@ -12,8 +12,11 @@ import threading
 import time
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
+from conftest import free_port, start_proxy, stop_proxy
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [
     pytest.mark.parametrize("proxy", ["transaction", "session"], indirect=True, scope="module"),
@@ -387,3 +390,31 @@ def test_listening_from_threads_while_others_query(proxy, org):
         t.join(timeout=WAIT + 5)
         assert not t.is_alive()
     assert got == {i: ["0", "1", "2"] for i in range(4)}
+
+
+def test_the_listener_connection_is_counted_in_metrics(proxy, pool_mode, migrated, tmp_path_factory, org):
+    """It is outside pool_size, so an operator sees it on its own: o7s_listener_connections, and what it
+    relayed: o7s_notifications_total."""
+    if pool_mode != "transaction":
+        pytest.skip("session mode has no listener connection")
+    admin = free_port()
+    p = start_proxy(migrated, tmp_path_factory.mktemp("lsn-admin"), "--admin", f"127.0.0.1:{admin}")
+    try:
+        def figures() -> dict[str, float]:
+            text = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=5).text
+            return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.labels.get("org") == org.name and s.name in ("o7s_listener_connections", "o7s_notifications_total")}
+
+        with psycopg.connect(p.dsn(org), autocommit=True, connect_timeout=10) as listener, \
+                psycopg.connect(p.dsn(org), autocommit=True, connect_timeout=10) as sender:
+            listener.execute("LISTEN lsn_metrics")
+            listener.execute("LISTEN lsn_metrics_2")
+            sender.execute("NOTIFY lsn_metrics, 'a'")
+            sender.execute("NOTIFY lsn_metrics_2, 'b'")
+            assert payloads(listener, 2) == ["a", "b"]
+            deadline = time.monotonic() + 10
+            while (seen := figures()) != {"o7s_listener_connections": 1, "o7s_notifications_total": 2}:
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.2)
+    finally:
+        stop_proxy(p)

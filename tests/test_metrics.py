@@ -108,8 +108,8 @@ def test_snapshot_is_complete_and_json_able() -> None:
     assert o == {
         "org": "acme", "tier": "pro", "db_type": "postgres", "client_connections": 3, "backend_connections": 1,
         "queries": 10, "errors": 1, "throttled": 2, "refused": 3, "bytes_in": 100, "bytes_out": 2000,
-        "pool_waits": 4, "pool_wait_seconds": 0.5, "handoffs_in": 6,
-        "latency_counts": o["latency_counts"], "latency_sum": 0.002,
+        "pool_waits": 4, "pool_wait_seconds": 0.5, "handoffs_in": 6, "listener_connections": 0,
+        "notifications": 0, "latency_counts": o["latency_counts"], "latency_sum": 0.002,
         "pool_in_use": 1, "pool_idle": 2, "pool_waiting": 0,
     }
     assert len(o["latency_counts"]) == len(LATENCY_BUCKETS) + 1 and sum(o["latency_counts"]) == 1

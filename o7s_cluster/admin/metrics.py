@@ -76,9 +76,9 @@ DEFAULT_MAX_ORG_LABELS = 200
 # Per-org fields: counters (monotonic) and gauges (current values).
 ORG_COUNTERS = (
     "queries", "errors", "throttled", "refused", "bytes_in", "bytes_out", "pool_waits", "pool_wait_seconds",
-    "handoffs_in",
+    "handoffs_in", "notifications",
 )
-ORG_GAUGES = ("client_connections", "backend_connections")
+ORG_GAUGES = ("client_connections", "backend_connections", "listener_connections")
 POOL_GAUGES = ("pool_in_use", "pool_idle", "pool_waiting")  # optional, from WorkerMetrics.pool_state
 # An org's Redis figures (database type redis, issue 12), also kept apart as `redis_<field>` in aggregated
 # entries: the per-org families sum every database type, the o7s_redis_* families show Redis alone.
@@ -372,6 +372,10 @@ _ORG_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("o7s_pool_wait_seconds", "counter", "Time sessions spent waiting for a backend connection.",
      "pool_wait_seconds"),
     ("o7s_handoffs", "counter", "Connections handed to the org's home worker by another worker.", "handoffs_in"),
+    ("o7s_listener_connections", "gauge", "LISTEN/NOTIFY listener connections open now (transaction mode, "
+     "outside the pools).", "listener_connections"),
+    ("o7s_notifications", "counter", "Notifications the listener connections relayed to the org's clients.",
+     "notifications"),
 )
 # name -> (kind, help, source field): the org's Redis figures alone (also counted in the families above).
 _REDIS_FAMILIES: tuple[tuple[str, str, str, str], ...] = (

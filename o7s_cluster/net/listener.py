@@ -29,6 +29,12 @@ APPLICATION_NAME = "o7s listener"
 BARRIER_TIMEOUT = 1.0     # seconds a client's ReadyForQuery waits for its own notifications at most
 
 
+class Counters(Protocol):
+    """The org's counters (`usage.counters.OrgCounters`) the listener keeps its gauge in."""
+
+    listener_connections: int
+
+
 class Subscriber(Protocol):
     """A client session that listens: it takes notifications without waiting (it queues them)."""
 
@@ -52,8 +58,9 @@ class Pool(Protocol):
 class Listener:
     """One pool's listener connection and its subscribers (see the module docstring)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, counters: Counters) -> None:
         self.pool = pool
+        self.counters = counters  # the org's (its listener_connections gauge)
         self.core = ListenerCore()
         self.sessions: dict[int, Subscriber] = {}  # id(session) -> session
         self.error: BackendError | None = None    # why the last connect failed (while not connected)
@@ -169,6 +176,7 @@ class Listener:
                     self.opened_total += 1
                     self.core.reset()
                     self.connected = True
+                    self.counters.listener_connections += 1
                     try:
                         await self._serve(conn)
                     except (BackendError, ProtocolViolation, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -177,6 +185,7 @@ class Listener:
                                     extra={"org": self.pool.org_name, "reason": str(exc)})
                     finally:
                         self.connected = False
+                        self.counters.listener_connections -= 1
                         self.core.reset()
                         self._changed.unpark_all()
                         with trio.CancelScope(shield=True):

@@ -443,7 +443,7 @@ class ClientSession(Attaching):
         pool = self.pool
         assert pool is not None
         if pool.listener is None:
-            pool.listener = Listener(pool)
+            pool.listener = Listener(pool, self.counters)
         return pool.listener
 
     async def _listen(self) -> None:
@@ -491,6 +491,7 @@ class ClientSession(Attaching):
         core = self.core
         if core is None or not core.notification(message):
             return
+        self.counters.notifications += 1
         if core.listens.overflow:
             if self._failure is None:
                 self._failure = ClientError(codes.OUT_OF_MEMORY, core.listens.overflow,

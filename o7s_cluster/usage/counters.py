@@ -50,6 +50,7 @@ class OrgCounters:
         "queries", "errors", "throttled", "refused", "bytes_in", "bytes_out", "rows",
         "query_seconds", "backend_seconds", "heavy_seconds", "auth_failures",
         "pool_waits", "pool_wait_seconds", "handoffs_in", "latency_counts",
+        "listener_connections", "notifications",
     )
 
     def __init__(self, org: str, tier: str | None, db_type: str = "postgres", org_id: str | None = None) -> None:
@@ -74,6 +75,8 @@ class OrgCounters:
         self.pool_waits = 0  # times a session had to wait for a backend connection
         self.pool_wait_seconds = 0.0  # total time spent in those waits
         self.handoffs_in = 0  # connections handed to this worker as the org's home
+        self.listener_connections = 0  # gauge: LISTEN/NOTIFY listener connections open now (transaction mode)
+        self.notifications = 0  # notifications the listener connections relayed to this org's clients
         self.latency_counts = [0] * NBUCKETS  # NOT cumulative over buckets; the last one is > 10 s
 
     def query_done(self, seconds: float, rows: int, ok: bool) -> None:
