@@ -1,13 +1,15 @@
 """The sans-IO session core, driven with bytes (no sockets, no trio), for issue 14's parity groups: a cancel
-that reaches a query O7s holds back (group 4)."""
+that reaches a query O7s holds back (group 4); answers O7s makes itself in pipeline mode (group 6)."""
 
 from __future__ import annotations
 
-from test_proxy_session import SYNC, Counters, attach, bind, complete, execute, messages, msg, parse, query, ready, take
+from test_proxy_session import (BIND_DONE, CLOSE_DONE, PARSE_DONE, SYNC, Counters, attach, bind, complete, error,
+                                execute, messages, msg, parse, query, ready, take)
 
+from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, SessionCore
-from o7s_cluster.proxy.statements import PoolStatements
+from o7s_cluster.proxy.statements import PoolStatements, statement_key
 
 
 def error_code(data: bytes) -> str:
@@ -103,3 +105,80 @@ def test_a_pipelined_statement_cancelled_while_it_waits_for_a_token_runs_to_be_c
     assert c.wait_cancelled() is False
     assert c.resume(1.0) == PROCEED
     assert take(c.to_backend) == batch and c.query_running()
+
+
+# --- group 6: answers O7s makes itself reach the client when the server's would ------------------
+
+FLUSH = msg(b"H")
+
+
+def test_a_named_parse_answered_without_a_backend_waits_for_the_clients_flush():
+    c = core()
+    assert c.feed_client(parse(b"s1", "select 1"), 1.0) == PROCEED
+    assert not c.to_client  # the server would say nothing yet
+    assert c.feed_client(FLUSH, 1.0) == PROCEED
+    assert take(c.to_client) == PARSE_DONE
+    assert c.feed_client(SYNC, 1.0) == PROCEED  # PQprepare: still no backend
+    assert take(c.to_client) == ready() and not c.to_backend
+
+
+def test_a_named_parse_in_a_batch_is_sent_to_the_server_in_its_place():
+    """P B E S with no backend yet: the server answers the Parse itself, a syntax error included."""
+    c = core()
+    batch = parse(b"s1", "selec 1") + bind(b"s1") + execute() + SYNC
+    assert c.feed_client(batch, 1.0) == NEED_BACKEND
+    assert not c.to_client
+    backend = BackendState()
+    c.attached(backend)
+    assert c.resume(1.0) == PROCEED
+    key = statement_key(b"selec 1\0\0\0")
+    sent = take(c.to_backend)
+    assert sent.startswith(msg(b"P", key + b"\0selec 1\0\0\0")) and messages(sent) == [b"P", b"B", b"E", b"S"]
+    c.feed_backend(error("42601") + ready(), 2.0)
+    out = take(c.to_client)
+    assert messages(out) == [b"E", b"Z"] and error_code(out) == "42601"  # no ParseComplete of O7s's before it
+    assert key not in backend.prepared
+
+
+def test_a_parse_the_backend_already_has_is_answered_with_the_servers_next_answer():
+    c = core()
+    backend = attach(c, query("begin"))
+    c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0)
+    take(c.to_backend), take(c.to_client)
+    assert c.feed_client(parse(b"s1", "select 1") + bind(b"s1") + execute() + FLUSH, 1.0) == PROCEED
+    sent = take(c.to_backend)
+    assert messages(sent) == [b"P", b"B", b"E", b"H"]
+    c.feed_backend(PARSE_DONE + BIND_DONE + complete("SELECT 1"), 2.0)
+    take(c.to_client)
+    # A second name for the same text: the backend has it, O7s answers, and holds the answer.
+    assert c.feed_client(parse(b"s2", "select 1"), 1.0) == PROCEED
+    assert not c.to_backend and not c.to_client
+    assert c.feed_client(bind(b"s2") + execute(), 1.0) == PROCEED
+    assert not c.to_client
+    c.feed_backend(BIND_DONE + complete("SELECT 1"), 2.0)  # the server flushed past the Parse
+    assert messages(take(c.to_client)) == [b"1", b"2", b"C"]
+    assert backend.prepared
+
+
+def test_a_close_answered_here_waits_for_the_sync_and_goes_out_in_order():
+    c = core()
+    attach(c, parse(b"", "select 1") + bind(b"") + execute() + SYNC)
+    c.feed_backend(PARSE_DONE + BIND_DONE + complete("SELECT 1") + ready(), 2.0)
+    c.detach()
+    take(c.to_client), take(c.to_backend)
+    assert c.feed_client(parse(b"s1", "select 1") + SYNC, 1.0) == PROCEED
+    assert take(c.to_client) == PARSE_DONE + ready()
+    assert c.feed_client(msg(b"C", b"Ss1\0"), 1.0) == PROCEED
+    assert not c.to_client
+    assert c.feed_client(SYNC, 1.0) == PROCEED
+    assert take(c.to_client) == CLOSE_DONE + ready()
+
+
+def test_an_error_of_o7s_takes_the_held_answers_with_it():
+    c = core()
+    assert c.feed_client(parse(b"s1", "select 1") + bind(b"s1"), 1.0) == NEED_BACKEND
+    c.attach_failed(ClientError("53P01", "no connection", fatal=False))
+    assert messages(take(c.to_client)) == [b"1", b"E"]
+    assert c.resume(1.0) == PROCEED
+    assert c.feed_client(SYNC, 1.0) == PROCEED
+    assert take(c.to_client) == ready()

@@ -262,6 +262,8 @@ class Listening:
 
         def _fake(self, data: bytes, *, ready: bool = False) -> None: ...
 
+        def _due(self) -> None: ...
+
     def _init_listen(self) -> None:
         """The client's channels, served by the worker's listener (transaction mode)."""
         self.listens = ClientListens()
@@ -310,7 +312,8 @@ class Listening:
 
     def _batch_local(self) -> bool:
         """The extended-protocol batch so far is O7s's own (or none has started), outside a failed block."""
-        return ((self._local_batch or (not self.unsynced and not any(not p.hidden for p in self.owed)))
+        return ((self._local_batch or (not self.unsynced and not any(not p.hidden and p.kind is not Kind.FAKE
+                                                                      for p in self.owed)))
                 and self.tx_status != b"E"
                 and speaks_utf8(self.client_params))
 
@@ -391,6 +394,7 @@ class Listening:
             self._fake(m.ready_for_query(self.tx_status))
             return True
         if t == _FLUSH:
+            self._due()  # what O7s holds goes out, as the server's would
             return True
         return None
 

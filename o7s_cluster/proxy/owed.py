@@ -9,6 +9,10 @@ O7s's own (swallow it), and when a query ended.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from o7s_cluster.proxy.statements import Statement
 
 
 class Kind(IntEnum):
@@ -26,16 +30,21 @@ class Kind(IntEnum):
 class Pending:
     """One response owed. `hidden`: the backend's answer to a message O7s sent of its own accord."""
 
-    __slots__ = ("kind", "hidden", "started", "statement", "reply", "ready")
+    __slots__ = ("kind", "hidden", "started", "statement", "reply", "ready", "due", "parse")
 
     def __init__(self, kind: Kind, *, hidden: bool = False, started: float = 0.0, statement: bytes = b"",
-                 reply: bytes = b"", ready: bool = False) -> None:
+                 reply: bytes = b"", ready: bool = False, due: bool = True, parse: Statement | None = None) -> None:
         self.kind = kind
         self.hidden = hidden
         self.started = started      # when the client's message was forwarded (EXECUTE, SYNC, QUERY)
         self.statement = statement  # PARSE: the server-side statement, forgotten if the Parse fails
         self.reply = reply          # FAKE: what to send
         self.ready = ready          # FAKE: followed by ReadyForQuery with the session's status
+        # FAKE: False while it is held as the server holds its answers to extended-protocol messages (until
+        # the client's Flush or Sync, an error, or an answer after it); `parse`: the client's statement whose
+        # ParseComplete it is, to be replaced by the server's own answer if the batch reaches a backend first.
+        self.due = due
+        self.parse = parse
 
     def __repr__(self) -> str:
         return f"<Pending {self.kind.name}{' hidden' if self.hidden else ''}>"

@@ -15,6 +15,7 @@ from o7s_cluster.proxy.listen import ClientListens, ListenOp
 from o7s_cluster.proxy.owed import Kind, Pending
 from o7s_cluster.proxy.params import SYNCED_REPORTED
 from o7s_cluster.proxy.readback import Readback, readback_sql
+from o7s_cluster.proxy.statements import Statement
 
 # What feed_backend tells the shell.
 KEEP = 0
@@ -79,6 +80,7 @@ class BackendRelay:
     _query_rows: int
     _query_ok: bool
     _readback_due: bool
+    _held: int
     _readback: Readback | None
     _custom: list[str]
     listens: ClientListens
@@ -118,6 +120,10 @@ class BackendRelay:
                     self._bstream_left = stop - end_of_data
                     pos = end_of_data
                 break
+            if owed_ and owed_[0].kind is _K_FAKE:  # held answers of O7s's own go out before the server's next
+                out += buf[seg:pos]
+                seg = pos
+                self._release_before_answer(out)
             if owed_ and owed_[0].kind is _K_READBACK:
                 if t == _NOTIFICATION:  # asynchronous: the client's, even during O7s's own query
                     self._own_notification(buf, pos)
@@ -232,17 +238,56 @@ class BackendRelay:
     if TYPE_CHECKING:
         def _listen_in_order(self, op: ListenOp, out: bytearray) -> None: ...  # the core's (proxy.listen)
 
-    def _after_pop(self, out: bytearray) -> None:
-        """Answers O7s made itself go out as soon as everything before them has."""
+    def _fake(self, data: bytes, *, ready: bool = False) -> None:
+        """Answer the client ourselves, after every response still owed to it. An error or ReadyForQuery:
+        the server sends everything it holds with it, so do the answers O7s holds."""
+        if self.owed:
+            self.owed.append(Pending(_K_FAKE, reply=data, ready=ready))
+            self._due()
+        else:
+            self.to_client += data
+            if ready:
+                self.to_client += m.ready_for_query(self.tx_status)
+
+    def _hold(self, data: bytes, parse: Statement | None = None) -> None:
+        """Answer an extended-protocol message ourselves as the server would: its answer waits in the queue
+        until the client's Flush or Sync (or until the server answers something after it), so that a
+        pipelining client reads it when it would read the server's (libpq decides what to send next by it)."""
+        self.owed.append(Pending(_K_FAKE, reply=data, due=False, parse=parse))
+        self._held += 1
+
+    def _due(self) -> None:
+        """The client's Flush or Sync, or an error: every answer O7s holds is due; those at the front go out."""
         owed_ = self.owed
-        while owed_ and owed_[0].kind is _K_FAKE:
+        if self._held:
+            for p in owed_:
+                p.due = True
+            self._held = 0
+        if owed_ and owed_[0].kind is _K_FAKE:
+            self._after_pop(self.to_client)
+
+    def _after_pop(self, out: bytearray, force: bool = False) -> None:
+        """Answers O7s made itself go out as soon as everything before them has (held ones once due)."""
+        owed_ = self.owed
+        while owed_ and owed_[0].kind is _K_FAKE and (force or owed_[0].due):
             p = owed_.popleft()
+            if not p.due:
+                self._held -= 1
             if self._listen_fakes and p is self._listen_fakes[0][0]:
                 self._listen_in_order(self._listen_fakes.popleft()[1], out)
                 continue
             out += p.reply
             if p.ready:
                 out += m.ready_for_query(self.tx_status)
+
+    def _release_before_answer(self, out: bytearray) -> None:
+        """The backend answers a client message queued after held answers of O7s's: the server has flushed
+        past them, so they go out first. (Not for O7s's own hidden messages: the client has not flushed.)"""
+        for p in self.owed:
+            if p.kind is not _K_FAKE:
+                if not p.hidden:
+                    self._after_pop(out, force=True)
+                return
 
     def _at_rest(self) -> int:
         """The backend is idle and owes nothing: read session state back, or give it back."""

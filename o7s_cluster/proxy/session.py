@@ -103,6 +103,7 @@ class SessionCore(Listening, BackendRelay):
         self.skip_until_sync = False
         self._sync_to_backend = False  # the Sync that ends a skipped batch still goes to the backend
         self._lazy_sync = False     # a batch answered here (named Parse) awaits its Sync
+        self._held = 0              # answers of O7s's own held until the client's Flush or Sync
         # Backend side.
         self._bbuf = bytearray()
         self._bpos = 0
@@ -247,6 +248,8 @@ class SessionCore(Listening, BackendRelay):
                         self._lazy_sync = False
                         self.unsynced = False
                         self._fake(m.ready_for_query(self.tx_status))
+                    else:
+                        self._due()
                     return PROCEED
         if backend is None:
             return NEED_BACKEND
@@ -338,6 +341,8 @@ class SessionCore(Listening, BackendRelay):
     def attached(self, backend: BackendState) -> None:
         """A backend now serves this client (its settings already match the client's)."""
         self.backend = backend
+        held = list(self.owed)  # answers O7s holds from before: the batch only now reaches a backend
+        self.owed.clear()
         stale = self.pool_statements.unused
         if stale and backend.prepared.keys and self.transaction_mode:
             for key in [k for k in backend.prepared.keys if k in stale]:
@@ -347,6 +352,18 @@ class SessionCore(Listening, BackendRelay):
             if self.owed:
                 self.to_backend += m.sync()
                 self.owed.append(owed.HIDDEN_SYNC)
+        for p in held:
+            statement = p.parse
+            if statement is not None and statement.key not in backend.prepared:
+                # Its Parse goes to the server after all, in its place: the client gets the server's own answer
+                # (a syntax error included) where directly it would.
+                self._held -= 1
+                self._make_room(backend)
+                self.to_backend += m.parse(statement.key, statement.parse_rest)
+                self.owed.append(Pending(_K_PARSE, statement=statement.key))
+                backend.prepared.add(statement.key)
+            else:
+                self.owed.append(p)
 
     def attach_failed(self, error: ClientError) -> None:
         """No backend could be had: the message at the front gets the error, its batch is skipped."""
@@ -402,15 +419,6 @@ class SessionCore(Listening, BackendRelay):
 
     # --- forwarding -------------------------------------------------------------------------
 
-    def _fake(self, data: bytes, *, ready: bool = False) -> None:
-        """Answer the client ourselves, after every response still owed to it."""
-        if self.owed:
-            self.owed.append(Pending(_K_FAKE, reply=data, ready=ready))
-        else:
-            self.to_client += data
-            if ready:
-                self.to_client += m.ready_for_query(self.tx_status)
-
     def _forward(self, backend: BackendState, t: int, s: int, e: int, now: float) -> None:
         buf = self._cbuf
         out = self.to_backend
@@ -456,6 +464,8 @@ class SessionCore(Listening, BackendRelay):
             if self._notified:
                 self._notified = False
                 self._notify_ends.append(owed_[-1])
+            if self._held:
+                self._due()
         elif t == _PARSE:
             self.unsynced = True
             if self.transaction_mode:
@@ -488,6 +498,8 @@ class SessionCore(Listening, BackendRelay):
         elif t == _FLUSH:
             self.unsynced = True
             out += buf[s:e]
+            if self._held:
+                self._due()
         elif t == _FUNCTION:
             owed_.append(Pending(_K_QUERY, started=now))
             self._readback_due = self.transaction_mode
@@ -513,7 +525,7 @@ class SessionCore(Listening, BackendRelay):
         prepared = backend.prepared
         if key in prepared:
             prepared.touch(key)
-            self._fake(m.parse_complete())
+            self._hold(m.parse_complete())
             return
         self._make_room(backend)
         self.to_backend += m.parse(key, rest)
@@ -552,7 +564,7 @@ class SessionCore(Listening, BackendRelay):
             self._note_state(rest)
         self.statements.define(name, statement)
         self._lazy_sync = True
-        self._fake(m.parse_complete())
+        self._hold(m.parse_complete(), statement)
         return True
 
     def _answer_locally(self, t: int, s: int, e: int) -> bool:
@@ -566,7 +578,7 @@ class SessionCore(Listening, BackendRelay):
                 self._lazy_sync = True  # its Sync needs no backend either
             else:
                 self.unsynced = True
-            self._fake(m.close_complete())
+            self._hold(m.close_complete())
             return True
         if not _DEALLOCATE_START.match(buf, s + 5, e):
             return False
