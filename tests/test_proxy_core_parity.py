@@ -1,5 +1,5 @@
 """The sans-IO session core, driven with bytes (no sockets, no trio), for issue 14's parity groups: a cancel
-that reaches a query O7s holds back (group 4); answers O7s makes itself in pipeline mode (group 6)."""
+that reaches a query O7s holds back (group 4); answers O7s makes itself in pipeline mode (group 6); statements a client drops (group 7)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from test_proxy_session import (BIND_DONE, CLOSE_DONE, PARSE_DONE, SYNC, Counter
 from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, SessionCore
+from o7s_cluster.proxy.statements import ClientStatements as ClientStatementsFor
 from o7s_cluster.proxy.statements import PoolStatements, statement_key
 
 
@@ -182,3 +183,96 @@ def test_an_error_of_o7s_takes_the_held_answers_with_it():
     assert c.resume(1.0) == PROCEED
     assert c.feed_client(SYNC, 1.0) == PROCEED
     assert take(c.to_client) == ready()
+
+
+# --- group 7: statements a client drops are dropped on the server ------------------------------------
+
+
+def in_transaction_with(c: SessionCore, name: bytes, sql: str) -> BackendState:
+    backend = attach(c, query("begin"))
+    c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0)
+    c.feed_client(parse(name, sql) + bind(name) + execute() + SYNC, 1.0)
+    c.feed_backend(PARSE_DONE + BIND_DONE + complete("SELECT 1") + ready(b"T"), 2.0)
+    take(c.to_backend), take(c.to_client)
+    return backend
+
+
+def test_a_close_in_a_transaction_goes_to_the_server_under_its_name():
+    c = core()
+    backend = in_transaction_with(c, b"s1", "select 1")
+    key = statement_key(b"select 1\0\0\0")
+    c.feed_client(msg(b"C", b"Ss1\0") + SYNC, 1.0)
+    assert take(c.to_backend) == msg(b"C", b"S" + key + b"\0") + SYNC
+    assert key not in backend.prepared
+    c.feed_backend(CLOSE_DONE + ready(b"T"), 2.0)
+    assert take(c.to_client) == CLOSE_DONE + ready(b"T")  # the server's own answer
+
+
+def test_deallocate_in_a_transaction_goes_to_the_server_under_its_name():
+    c = core()
+    backend = in_transaction_with(c, b"s1", "select 1")
+    key = statement_key(b"select 1\0\0\0")
+    c.feed_client(query("DEALLOCATE s1"), 1.0)
+    assert take(c.to_backend) == query(f'DEALLOCATE "{key.decode()}"')
+    c.feed_backend(complete("DEALLOCATE") + ready(b"T"), 2.0)
+    assert take(c.to_client) == complete("DEALLOCATE") + ready(b"T") and key not in backend.prepared
+
+
+def test_a_statement_another_client_names_stays_and_the_close_is_answered_here():
+    pool = PoolStatements()
+    other = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=pool,
+                        client_params={"client_encoding": "UTF8"}, take_token=Tokens())
+    other.statements.define(b"x", _statement("select 1"))
+    c = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=pool,
+                    client_params={"client_encoding": "UTF8"}, take_token=Tokens())
+    backend = in_transaction_with(c, b"s1", "select 1")
+    c.feed_client(msg(b"C", b"Ss1\0") + SYNC, 1.0)
+    assert take(c.to_backend) == SYNC and backend.prepared  # still named by the other client
+    c.feed_backend(ready(b"T"), 2.0)
+    assert take(c.to_client) == CLOSE_DONE + ready(b"T")
+
+
+def _statement(sql: str):
+    from o7s_cluster.proxy.statements import Statement
+    rest = sql.encode() + b"\0\0\0"
+    return Statement(statement_key(rest), rest, False)
+
+
+def test_dropped_statements_are_closed_on_each_backend_when_next_attached():
+    pool = PoolStatements()
+    held = [BackendState(), BackendState()]
+    keys = [_statement(f"select {i}").key for i in range(3)]
+    for backend in held:
+        for key in keys:
+            backend.prepared.add(key)
+    client = ClientStatementsFor(pool)
+    for i in range(3):
+        client.define(f"s{i}".encode(), _statement(f"select {i}"))
+    client.drop(b"s0")
+    client.drop(b"s1")
+    client.define(b"again", _statement("select 1"))  # named again before any backend looked: it stays
+    for backend in held:
+        c = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=pool,
+                        client_params={"client_encoding": "UTF8"}, take_token=Tokens())
+        c.attached(backend)
+        assert take(c.to_backend) == msg(b"C", b"S" + keys[0] + b"\0") + SYNC
+        assert list(backend.prepared.keys) == keys[1:]
+        c.feed_backend(CLOSE_DONE + ready(), 2.0)
+        assert not c.to_client
+
+
+def test_a_backend_behind_the_log_looks_at_all_it_holds():
+    from o7s_cluster.proxy import statements
+    pool = PoolStatements()
+    backend = BackendState()
+    client = ClientStatementsFor(pool)
+    for i in range(statements.MAX_DROPS_LOGGED + 10):
+        st = _statement(f"select {i}")
+        if i < 3:
+            backend.prepared.add(st.key)
+        client.define(b"s", st)  # each redefinition drops the one before
+    assert pool.dropped_base > 0
+    c = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=pool,
+                    client_params={"client_encoding": "UTF8"}, take_token=Tokens())
+    c.attached(backend)
+    assert not backend.prepared and messages(take(c.to_backend)) == [b"C", b"C", b"C", b"S"]

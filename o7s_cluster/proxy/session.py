@@ -12,7 +12,6 @@ state (`proxy.readback`). Session mode relays the client's messages as they are.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -23,17 +22,11 @@ from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy import owed
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.listen import Listening, may_notify
+from o7s_cluster.proxy.named import MAX_NAMED_PARSE, NamedStatements
 from o7s_cluster.proxy.owed import Kind, Pending
 from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state
 from o7s_cluster.proxy.relay import BackendRelay, Counters
-from o7s_cluster.proxy.statements import (
-    MAX_PREPARED_PER_BACKEND,
-    MAX_PREPARED_PER_CLIENT,
-    ClientStatements,
-    PoolStatements,
-    Statement,
-    statement_key,
-)
+from o7s_cluster.proxy.statements import ClientStatements, PoolStatements
 
 # What feed_client / resume ask of the shell.
 PROCEED = 0        # all complete messages handled: send the output, read more from the client
@@ -57,7 +50,6 @@ STREAM_AT = 256 * 1024
 _STREAM_PREFIX = 4096            # bytes of a streamed message read before it starts (names, SQL head)
 _STREAMABLE = frozenset(b"QPBFd")
 MAX_CONTROL_MESSAGE = 64 * 1024  # Execute, Describe, Close, Sync, Flush, CopyDone, CopyFail, Terminate
-MAX_NAMED_PARSE = 1 << 20        # transaction mode keeps a named statement's text to prepare it anywhere
 
 _I32 = struct.Struct("!i")
 # Enum members as module globals: the per-message loops compare them often.
@@ -69,12 +61,9 @@ _K_SYNC = Kind.SYNC
 _HEADER = struct.Struct("!ci")
 # What PostgreSQL says of a cancelled statement.
 QUERY_CANCELED = ClientError(codes.QUERY_CANCELED, "canceling statement due to user request", fatal=False)
-_DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
-_DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*\Z",
-                         re.IGNORECASE)
 
 
-class SessionCore(Listening, BackendRelay):
+class SessionCore(NamedStatements, Listening, BackendRelay):
     """The decisions of one client session between login and goodbye (see the module docstring)."""
 
     def __init__(self, *, transaction_mode: bool, counters: Counters, pool_statements: PoolStatements,
@@ -234,7 +223,7 @@ class SessionCore(Listening, BackendRelay):
                                                       and (self._listen_statements or self._listen_unnamed)))
                     and (taken := self._listen_ext(t, s, e)) is not None):
                 return PROCEED if taken else NEED_LISTEN
-            if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e):
+            if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e, now):
                 self._granted = False
                 return PROCEED
             if backend is None and self.tx_status == b"I":
@@ -343,27 +332,10 @@ class SessionCore(Listening, BackendRelay):
         self.backend = backend
         held = list(self.owed)  # answers O7s holds from before: the batch only now reaches a backend
         self.owed.clear()
-        stale = self.pool_statements.unused
-        if stale and backend.prepared.keys and self.transaction_mode:
-            for key in [k for k in backend.prepared.keys if k in stale]:
-                backend.prepared.forget(key)
-                self.to_backend += m.close_statement(key)
-                self.owed.append(owed.HIDDEN_CLOSE)
-            if self.owed:
-                self.to_backend += m.sync()
-                self.owed.append(owed.HIDDEN_SYNC)
+        if self.transaction_mode:
+            self._close_dropped(backend)
         for p in held:
-            statement = p.parse
-            if statement is not None and statement.key not in backend.prepared:
-                # Its Parse goes to the server after all, in its place: the client gets the server's own answer
-                # (a syntax error included) where directly it would.
-                self._held -= 1
-                self._make_room(backend)
-                self.to_backend += m.parse(statement.key, statement.parse_rest)
-                self.owed.append(Pending(_K_PARSE, statement=statement.key))
-                backend.prepared.add(statement.key)
-            else:
-                self.owed.append(p)
+            self._held_to_server(backend, p)
 
     def attach_failed(self, error: ClientError) -> None:
         """No backend could be had: the message at the front gets the error, its batch is skipped."""
@@ -512,85 +484,3 @@ class SessionCore(Listening, BackendRelay):
         for name in custom_names(sql):
             if name not in self._custom:
                 self._custom.append(name)
-
-    def _parse_named(self, backend: BackendState, name: bytes, rest: bytes) -> None:
-        if self.statements.full(name):
-            raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
-                              f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
-        statement = Statement(statement_key(rest), rest, may_change_state(rest))
-        if statement.stateful:
-            self._note_state(rest)
-        self.statements.define(name, statement)
-        key = statement.key
-        prepared = backend.prepared
-        if key in prepared:
-            prepared.touch(key)
-            self._hold(m.parse_complete())
-            return
-        self._make_room(backend)
-        self.to_backend += m.parse(key, rest)
-        self.owed.append(Pending(_K_PARSE, statement=key))
-        prepared.add(key)
-
-    def _prepare_on(self, backend: BackendState, statement: Statement) -> bytes:
-        """Server-side name of a client's statement, injecting its Parse if this backend lacks it."""
-        key = statement.key
-        prepared = backend.prepared
-        if key in prepared:
-            prepared.touch(key)
-            return key
-        self._make_room(backend)
-        self.to_backend += m.parse(key, statement.parse_rest)
-        self.owed.append(Pending(_K_PARSE, hidden=True, statement=key))
-        prepared.add(key)
-        return key
-
-    def _make_room(self, backend: BackendState) -> None:
-        if len(backend.prepared) >= MAX_PREPARED_PER_BACKEND:
-            self.to_backend += m.close_statement(backend.prepared.oldest())
-            self.owed.append(owed.HIDDEN_CLOSE)
-
-    def _parse_locally(self, s: int, e: int) -> bool:
-        name, rest = m.split_parse(bytes(self._cbuf[s + 5:e]))
-        if not name:
-            return False
-        if len(rest) > MAX_NAMED_PARSE:
-            raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
-                              f"prepared statement text too long (limit {MAX_NAMED_PARSE} bytes)")
-        if self.statements.full(name):
-            return False  # _parse_named refuses it with the limit's error
-        statement = Statement(statement_key(rest), rest, may_change_state(rest))
-        if statement.stateful:
-            self._note_state(rest)
-        self.statements.define(name, statement)
-        self._lazy_sync = True
-        self._hold(m.parse_complete(), statement)
-        return True
-
-    def _answer_locally(self, t: int, s: int, e: int) -> bool:
-        """Close or DEALLOCATE of a protocol-level statement: O7s owns those names, so it answers."""
-        buf = self._cbuf
-        if t == _CLOSE:
-            kind, name = m.split_describe_close(bytes(buf[s + 5:e]))
-            if kind != _STATEMENT or not self.statements.drop(name):
-                return False
-            if self.backend is None:
-                self._lazy_sync = True  # its Sync needs no backend either
-            else:
-                self.unsynced = True
-            self._hold(m.close_complete())
-            return True
-        if not _DEALLOCATE_START.match(buf, s + 5, e):
-            return False
-        match = _DEALLOCATE.match(buf, s + 5, e - 1)
-        if not match:
-            return False
-        word = match.group(1)
-        if word.lower() == b"all":
-            self.statements.drop_all()
-            return False  # the server drops its statements too; the relay sees the tag and forgets them
-        name = word[1:-1].replace(b'""', b'"') if word.startswith(b'"') else word.lower()
-        if not self.statements.drop(bytes(name)):
-            return False  # maybe an SQL-level PREPARE: the server knows it
-        self._fake(m.command_complete("DEALLOCATE"), ready=True)
-        return True

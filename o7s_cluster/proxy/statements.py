@@ -8,11 +8,12 @@ lazily on whichever backend serves the client next (as PgBouncer 1.21+ does).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import itertools
+from collections import OrderedDict, deque
 
 MAX_PREPARED_PER_BACKEND = 256   # server-side statements a backend keeps before O7s closes old ones
 MAX_PREPARED_PER_CLIENT = 10000  # named statements one client may hold
-MAX_UNUSED_TRACKED = 1024        # server-side statements nobody names any more, waiting to be closed
+MAX_DROPS_LOGGED = 4096          # dropped statements logged for the backends to close (then: full look)
 
 
 def statement_key(parse_rest: bytes) -> bytes:
@@ -33,21 +34,28 @@ class Statement:
 
 
 class PoolStatements:
-    """How many clients of one pool (on this worker) name each server-side statement.
+    """How many clients of one pool (on this worker) name each server-side statement, and a log of the
+    statements no client names any more, in the order they were dropped.
 
-    A statement no client names any more is closed on each backend that holds it, the next time
-    that backend is attached, so that dropped statements do not stay prepared for ever.
+    Each backend remembers how far into the log it has looked (`BackendState.drops_seen`); when it is next
+    attached, the statements of the log since then that it holds and nobody names are closed on it. A
+    backend that fell behind the part of the log still kept looks at every statement it holds instead, so
+    a dropped statement never stays prepared for ever.
     """
 
-    __slots__ = ("refs", "unused")
+    __slots__ = ("refs", "dropped", "dropped_base")
 
     def __init__(self) -> None:
         self.refs: dict[bytes, int] = {}
-        self.unused: set[bytes] = set()
+        self.dropped: deque[bytes] = deque()
+        self.dropped_base = 0  # log position of dropped[0]
+
+    @property
+    def log_end(self) -> int:
+        return self.dropped_base + len(self.dropped)
 
     def retain(self, key: bytes) -> None:
         self.refs[key] = self.refs.get(key, 0) + 1
-        self.unused.discard(key)
 
     def release(self, key: bytes) -> None:
         n = self.refs.get(key, 0) - 1
@@ -55,9 +63,21 @@ class PoolStatements:
             self.refs[key] = n
             return
         self.refs.pop(key, None)
-        if len(self.unused) >= MAX_UNUSED_TRACKED:
-            self.unused.clear()  # past this, old statements go by each backend's LRU alone
-        self.unused.add(key)
+        self.dropped.append(key)
+        if len(self.dropped) > MAX_DROPS_LOGGED:
+            self.dropped.popleft()
+            self.dropped_base += 1
+
+    def stale_on(self, held: ServerStatements, seen: int) -> list[bytes]:
+        """What `held` (a backend's statements) holds that nobody names, dropped since log position `seen`."""
+        refs = self.refs
+        if seen < self.dropped_base:  # fell behind the log: everything it holds is looked at
+            return [k for k in held.keys if k not in refs]
+        stale: dict[bytes, None] = {}
+        for key in itertools.islice(self.dropped, seen - self.dropped_base, None):
+            if key in held and key not in refs:
+                stale[key] = None
+        return list(stale)
 
 
 class ServerStatements:
