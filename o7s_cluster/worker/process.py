@@ -41,6 +41,7 @@ def _peer(sock: socket.socket) -> str:
 # Longest a new worker waits for the members list before it takes clients anyway (the supervisor sends it
 # once all its first workers are up, or after its START_GRACE).
 MEMBERS_WAIT = 15.0
+LISTEN_BACKLOG = 4096
 
 
 def _listen_socket(settings: Settings, address: tuple[str, int] | None = None) -> socket.socket:
@@ -50,8 +51,7 @@ def _listen_socket(settings: Settings, address: tuple[str, int] | None = None) -
     sock = socket.socket(family, type_, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(addr)
-    sock.listen(4096)
+    sock.bind(addr)  # listen() comes once the worker takes clients: until then the kernel routes none here
     sock.setblocking(False)
     return sock
 
@@ -108,6 +108,7 @@ class Worker:
                     # took itself for the only one would count an org's connections apart from its home's.
                     with trio.move_on_after(MEMBERS_WAIT):
                         await self.members_known.wait()
+                    listen_sock.listen(LISTEN_BACKLOG)
                     await self._accept(listen_sock, server)
                 trio.lowlevel.notify_closing(listen_sock)
                 listen_sock.close()
@@ -148,6 +149,7 @@ class Worker:
     async def _accept_redis(self, sock: socket.socket, server: Server) -> None:
         """Redis clients (--redis-listen): served by the worker that accepts them (the org is known only
         after AUTH, so there is no hand-off); TLS only when a certificate is configured."""
+        sock.listen(LISTEN_BACKLOG)
         with self.accepting_redis:
             while True:
                 try:
