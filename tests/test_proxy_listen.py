@@ -517,3 +517,15 @@ def test_utf8_however_the_client_spells_it(spelling):
     c = core()
     c.client_params["client_encoding"] = spelling  # asyncpg sends 'utf-8'
     assert c.feed_client(query("LISTEN a"), 1.0) == NEED_LISTEN
+
+
+def test_parse_listen_after_any_leading_whitespace_and_never_for_other_texts():
+    from o7s_cluster.proxy.listen import parse_listen
+
+    for ws in (b"", b" ", b"\t", b"\n", b"\r\n", b"\f", b"\v", b" \t\n"):
+        for text, tag in ((b"LISTEN chan", "LISTEN"), (b"unlisten chan;", "UNLISTEN")):
+            buf = b"xx" + ws + text + b"yy"
+            op = parse_listen(buf, 2, len(buf) - 2)
+            assert op is not None and op.tag == tag and op.channel == b"chan", (ws, text)
+    for text in (b"", b"select 1", b"/* c */ listen chan", b"-- c\nlisten chan", b"ulisten chan", b"(listen chan)"):
+        assert parse_listen(text, 0, len(text)) is None, text
