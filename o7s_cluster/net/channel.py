@@ -22,7 +22,7 @@ _YIELD_EVERY = 16
 class Channel:
     """One peer of a session. `receive` returns b'' at end of stream; `send` empties the buffer it is given."""
 
-    __slots__ = ("sock", "_buf", "_view", "_streak")
+    __slots__ = ("sock", "_buf", "_view", "_streak", "_drained")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -30,13 +30,22 @@ class Channel:
         self._buf = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buf)
         self._streak = 0
+        self._drained = False  # the last read emptied the socket
 
     async def receive(self) -> memoryview | bytes:
         """The next bytes the peer sent (a view valid until the next receive), or b'' at its end."""
-        self._streak += 1
-        if self._streak >= _YIELD_EVERY:
+        if self._drained:
+            # A peer that waits for our answer has sent nothing since the socket was emptied: a recv
+            # now would only fail (a system call and an exception), so wait for readiness first. A peer
+            # that sends faster than we read fills the buffer, and then the next read comes at once.
+            self._drained = False
             self._streak = 0
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.wait_readable(self.sock)
+        else:
+            self._streak += 1
+            if self._streak >= _YIELD_EVERY:
+                self._streak = 0
+                await trio.lowlevel.checkpoint()
         while True:
             try:
                 n = self.sock.recv_into(self._buf)
@@ -46,6 +55,7 @@ class Channel:
                 continue
             except (ConnectionResetError, BrokenPipeError):
                 return b""
+            self._drained = n < RECEIVE_SIZE
             return self._view[:n]
 
     async def send(self, data: bytearray) -> None:
