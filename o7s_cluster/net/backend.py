@@ -8,12 +8,14 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Awaitable, Coroutine
 from typing import Protocol
 
 import trio
 
 from o7s_cluster.control_plane.dsn import BackendTarget
 from o7s_cluster.net.channel import AnyChannel, Channel, TLSChannel
+from o7s_cluster.net.poller import Poller
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, ProtocolViolation
@@ -51,18 +53,26 @@ class BackendSink(Protocol):
     async def backend_data(self, data: memoryview | bytes) -> None:
         """Take what the server sent (b'' when it closed); called by the connection's pump only."""
 
+    def backend_data_now(self, data: memoryview | bytes) -> Awaitable[None] | None:
+        """The same without waiting, from the worker's poller: None when done, else what is left to do,
+        which the pump awaits (the poller leaves the socket alone meanwhile)."""
+
+
+_CLOSED = object()  # what the poller hands the pump when the connection is done
 
 class BackendConn:
     """One authenticated server connection. `state` is what the session core knows of it; while a
     cancel aimed at one of its queries may still land, `cancels` is non-zero and the pool holds it back.
 
-    Once pooled, one long-lived task (`pump`) reads it for as long as it is open and hands what it reads
-    to `sink`, so that attaching the connection to a session wakes nobody: the same one task per socket
-    as a plain relay, whichever session the connection serves.
+    Once pooled, it is read for as long as it is open and what it sends goes to `sink`, so that
+    attaching the connection to a session wakes nobody. A plain connection is read by the worker's
+    poller, which hands the bytes to the sink in its own task (`net.poller`); the connection's task
+    (`pump`) only finishes what the sink could not do without waiting. A TLS connection's pump reads it.
     """
 
     __slots__ = ("stream", "raw", "tls", "channel", "reader", "state", "pid", "secret", "target",
-                 "created", "last_used", "cancels", "parked", "pool", "sink", "dead")
+                 "created", "last_used", "cancels", "parked", "pool", "sink", "dead", "poller", "_fd",
+                 "_handler", "_rest", "_lot", "_closing")
 
     def __init__(self, stream: trio.abc.Stream, raw: socket.socket, tls: bool, target: BackendTarget) -> None:
         self.stream = stream
@@ -80,6 +90,12 @@ class BackendConn:
         self.sink: BackendSink | None = None
         self.dead = False  # the server closed it, or spoke while nobody was attached: never hand it out
         self.created = self.last_used = time.monotonic()
+        self.poller: Poller | None = None  # the worker's, once pooled (plain connections only)
+        self._fd = -1
+        self._handler = self._on_readable
+        self._rest: Awaitable[None] | object | None = None  # what the pump is to finish next
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closing = False
 
     @property
     def params(self) -> dict[str, str]:
@@ -122,6 +138,7 @@ class BackendConn:
                 pass
             if self.tls:
                 await trio.aclose_forcefully(self.stream)
+            self._stop_polling()
             self.channel.close()
 
     async def pump(self) -> None:
@@ -131,6 +148,9 @@ class BackendConn:
         server only speaks to say so): the connection is marked dead and the pool drops it.
         """
         channel = self.channel
+        if self.poller is not None and type(channel) is Channel:
+            await self._pump_polled(self.poller)
+            return
         try:
             while True:
                 data = await channel.receive()
@@ -150,6 +170,62 @@ class BackendConn:
             log.exception("backend connection pump failed")
         finally:
             self.dead = True
+
+    async def _pump_polled(self, poller: Poller) -> None:
+        """The pump of a connection the poller reads: it finishes what a sink could not do at once."""
+        self._fd = fd = self.raw.fileno()
+        poller.add(fd, self._handler)
+        try:
+            while True:
+                while self._rest is None:
+                    await self._lot.park()
+                rest, self._rest = self._rest, None
+                if rest is _CLOSED:
+                    break
+                await rest  # type: ignore[misc]
+                if self._closing:
+                    break
+                poller.resume(fd)
+        except Exception:
+            log.exception("backend connection pump failed")
+        finally:
+            self.dead = True
+            self._stop_polling()
+            if isinstance(self._rest, Coroutine):  # handed over as the pump was cancelled
+                self._rest.close()
+
+    def _on_readable(self) -> None:
+        """The poller saw the server's socket ready (in the poller's task: never waits)."""
+        data = self.channel.receive_now()  # type: ignore[union-attr]
+        if data is None:
+            return
+        sink = self.sink
+        if not data:
+            self.dead = True
+            self._hand(_CLOSED if sink is None else sink.backend_data(b""), closing=True)
+        elif sink is None:
+            self.dead = True  # an idle server only speaks to say it is ending the connection
+        else:
+            rest = sink.backend_data_now(data)
+            if rest is not None:
+                self._hand(rest)
+
+    def _hand(self, rest: Awaitable[None] | object, closing: bool = False) -> None:
+        """Leave the socket to the pump until it has finished `rest` (then it ends, when `closing`)."""
+        if self.poller is not None and not self._closing:
+            self.poller.pause(self._fd)
+        self._closing = self._closing or closing
+        self._rest = rest
+        self._lot.unpark_all()
+
+    def _stop_polling(self) -> None:
+        """Before the socket is closed: the poller forgets it and the pump ends."""
+        if self.poller is not None and self._fd >= 0:
+            self.poller.remove(self._fd, self._handler)
+            self._closing = True
+            if self._rest is None:
+                self._rest = _CLOSED
+            self._lot.unpark_all()
 
     async def query_until_ready(self, sql: str, timeout: float = 5.0) -> str:
         """Run a housekeeping statement; returns its last command tag. Raises BackendError on failure.
@@ -189,6 +265,9 @@ class _Housekeeping:
         self.closed = False
 
     async def backend_data(self, data: memoryview | bytes) -> None:
+        self.backend_data_now(data)
+
+    def backend_data_now(self, data: memoryview | bytes) -> None:
         if self.done.is_set():
             return
         if not data:

@@ -58,6 +58,17 @@ class Channel:
             self._drained = n < RECEIVE_SIZE
             return self._view[:n]
 
+    def receive_now(self) -> memoryview | bytes | None:
+        """What the peer sent, without waiting (the poller saw it ready): None when nothing is there
+        after all, b'' at its end or on an error."""
+        try:
+            n = self.sock.recv_into(self._buf)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        return self._view[:n]
+
     async def send(self, data: bytearray) -> None:
         """Send all of `data`, deleting what went out; bytes appended meanwhile go out too."""
         sock = self.sock

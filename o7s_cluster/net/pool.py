@@ -16,6 +16,7 @@ import trio
 from o7s_cluster.control_plane.dsn import BackendTarget
 from o7s_cluster.net import backend
 from o7s_cluster.net.backend import BackendConn, BackendError
+from o7s_cluster.net.poller import Poller
 from o7s_cluster.pgwire.errors import POOL_TIMEOUT
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.statements import PoolStatements
@@ -67,8 +68,9 @@ class Pool:
 
     def __init__(self, db_name: str, target: BackendTarget, size: int, settings: PoolSettings,
                  startup_params: dict[str, str] | None = None, org_name: str = "", db_type: str = "postgres",
-                 *, nursery: trio.Nursery) -> None:
+                 *, nursery: trio.Nursery, poller: Poller | None = None) -> None:
         self.org_name = org_name
+        self.poller = poller  # reads this pool's plain connections (net.poller); None: each pump reads its own
         self.db_type = db_type
         self.db_name = db_name
         self.target = target
@@ -238,6 +240,7 @@ class Pool:
         except BaseException:
             self._free_slot()
             raise
+        conn.poller = self.poller
         self._nursery.start_soon(conn.pump)
         self.by_pid[conn.pid] = conn.state
         if self.server_params is None:

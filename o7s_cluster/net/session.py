@@ -24,6 +24,7 @@ from o7s_cluster.net.channel import AnyChannel, Channel, Outbox
 from o7s_cluster.net.attach import Attaching
 from o7s_cluster.net.listener import Listener
 from o7s_cluster.net.login import Login, limit_error
+from o7s_cluster.net.polled import Polled
 from o7s_cluster.net.pool import WaitCancelled
 from o7s_cluster.pgwire import errors as codes
 from o7s_cluster.pgwire import messages as m
@@ -50,7 +51,7 @@ log = logging.getLogger("o7s.session")
 _NOBODY = OrgCounters("_unauthenticated", "none")
 
 
-class ClientSession(Attaching):
+class ClientSession(Polled, Attaching):
     def __init__(self, server: Server, sock: socket.socket, peer: str, *, preread: bytes = b"",
                  tls_pending: bool = False, handed_off: bool = False) -> None:
         self.server = server
@@ -253,7 +254,11 @@ class ClientSession(Attaching):
         with self._serve_scope:
             async with trio.open_nursery() as self._helpers:
                 try:
-                    await self._client_loop()
+                    poller = self.server.poller
+                    if type(self.channel) is Channel and poller is not None:
+                        await self._client_loop_polled(poller)
+                    else:
+                        await self._client_loop()
                 except Exception as exc:  # raised as it is, not in the nursery's exception group
                     error = exc
                 finally:
@@ -344,39 +349,55 @@ class ClientSession(Attaching):
                     await self._flush_client()
                     raise _BackendGone()
                 raise BackendError("the database server closed the connection")
-            verdict = core.feed_backend(data, time.perf_counter())
-            while True:
-                if core.listen_changed:  # COMMIT/ROLLBACK of LISTENs: answered once the listener serves them
-                    await self._listen_changed()
-                if not core.barrier_wanted:
-                    break
-                # The client's own NOTIFY committed: relayed before its ReadyForQuery, as directly.
-                if self.pool is not None and self.pool.listener is not None:
-                    await self.pool.listener.barrier()
-                core.barrier_done()
-                verdict = core.feed_backend(b"", time.perf_counter())
-            if core.to_backend:
-                await self._flush_backend()
-            if verdict == RELEASE:
-                conn = self._detach()
-                try:
-                    if core.to_client:
-                        await self._flush_client()
-                finally:
-                    assert self.pool is not None
-                    self.pool.release(conn)
-            elif core.to_client:
-                await self._flush_client()
-            if self._quiet is not None and core.quiet():
-                self._quiet.set()
-            if self.draining and core.idle() and not core.pinned:
-                self.scope.cancel()
+            await self._after_backend(core.feed_backend(data, time.perf_counter()))
         except trio.Cancelled:
             raise
         except BaseException as exc:
-            if self._failure is None:
-                self._failure = exc
-            self._serve_scope.cancel()
+            self._fail(exc)
+
+    async def _finish_backend(self, verdict: int) -> None:
+        try:
+            await self._after_backend(verdict)
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    async def _after_backend(self, verdict: int) -> None:
+        """Apply what the core said of the backend's answer (`verdict`) and send what it made."""
+        core = self.core
+        assert core is not None
+        while True:
+            if core.listen_changed:  # COMMIT/ROLLBACK of LISTENs: answered once the listener serves them
+                await self._listen_changed()
+            if not core.barrier_wanted:
+                break
+            # The client's own NOTIFY committed: relayed before its ReadyForQuery, as directly.
+            if self.pool is not None and self.pool.listener is not None:
+                await self.pool.listener.barrier()
+            core.barrier_done()
+            verdict = core.feed_backend(b"", time.perf_counter())
+        if core.to_backend:
+            await self._flush_backend()
+        if verdict == RELEASE and self.conn is not None:
+            conn = self._detach()
+            try:
+                if core.to_client:
+                    await self._flush_client()
+            finally:
+                assert self.pool is not None
+                self.pool.release(conn)
+        elif core.to_client:
+            await self._flush_client()
+        self._after_answer()
+
+    def _after_answer(self) -> None:
+        core = self.core
+        assert core is not None
+        if self._quiet is not None and core.quiet():
+            self._quiet.set()
+        if self.draining and core.idle() and not core.pinned:
+            self.scope.cancel()
 
     async def _flush_client(self) -> None:
         assert self.core is not None

@@ -18,6 +18,7 @@ from o7s_cluster.config import Settings
 from o7s_cluster.control_plane.catalog import OrgLogin, TrioCatalog
 from o7s_cluster.limits.logins import policy_from
 from o7s_cluster.net.budget import InputBudget, PreAuthBudget
+from o7s_cluster.net.poller import Poller
 from o7s_cluster.net.pool import Pool, PoolManager, PoolSettings
 from o7s_cluster.net.resp_backend import RedisPools
 from o7s_cluster.pgwire import errors as codes
@@ -65,6 +66,7 @@ class Server:
         self.metrics.pool_state = self._pool_state
         self.catalog = catalog
         self.nursery = nursery
+        self.poller = Poller(nursery)  # reads the backends' plain sockets (net.poller)
         self.pools = PoolManager(PoolSettings(
             connect_timeout=settings.server_connect_timeout,
             acquire_timeout=settings.pool_timeout,
@@ -186,7 +188,8 @@ class Server:
         limits = login.limits
         tier_settings = {"statement_timeout": str(limits.statement_timeout_ms), "work_mem": limits.work_mem}
         return self.pools.add(key, Pool(db_name, target, limits.pool_size, self.pools.settings, tier_settings,
-                                        org_name=login.name, db_type=db_type, nursery=self.nursery))
+                                        org_name=login.name, db_type=db_type, nursery=self.nursery,
+                                        poller=self.poller))
 
 
 def _jwks_sources(settings: Settings) -> list[str]:
