@@ -1,11 +1,12 @@
-"""One client session in a worker: login, then one long-lived task per socket that moves bytes.
+"""One client session in a worker: login, then the session's task applies the core's decisions.
 
 The session's task reads the client, feeds the session core and applies what it asks (attach a
-backend, wait for a token). What a backend sends is read by that connection's own pump task
-(`BackendConn.pump`), which hands it to the session attached (`backend_data`): the session feeds the
-core and gives the backend back when the core says it is free. So attaching a backend wakes nobody,
-no task is started per transaction, and every decision about the bytes is the core's
-(`o7s_cluster.proxy.session`).
+backend, wait for a token). What a backend sends goes to the session attached (`backend_data`): the
+session feeds the core and gives the backend back when the core says it is free. So attaching a
+backend wakes nobody, no task is started per transaction, and every decision about the bytes is the
+core's (`o7s_cluster.proxy.session`). Plain sockets are read by the worker's poller, which handles the
+usual message in its own task (`net.polled`) and hands the rest to the session's task or to the
+connection's pump (`BackendConn.pump`); TLS sockets are read by those tasks themselves.
 """
 
 from __future__ import annotations
