@@ -181,6 +181,7 @@ class Proxy:
     port: int
     proc: subprocess.Popen
     log: Path
+    mode: str = ""  # the pool mode, for fixtures that start one in each mode
 
     def dsn(self, org: Org, dbname: str | None = None, user: str | None = None, **kw: str) -> str:
         parts = {
@@ -231,6 +232,7 @@ def proxy(request, migrated, tmp_path_factory) -> Iterator[Proxy]:
 # Added for the end-to-end proxy tests (test_proxy_*.py, test_isolation.py, test_faults.py).
 
 import struct  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 
 @pytest.fixture
@@ -382,6 +384,51 @@ def first_error(msgs: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
 def fuzz_org(make_org) -> Org:
     """A free-tier org (pool of 3) for fuzzing: a leaked backend connection shows up fast."""
     return make_org("fuzz", "free")
+
+
+# ---------------------------------------------------------------------------------------------- parity
+# test_parity.py, test_pipeline_parity.py, test_prepared_parity.py: one `o7s serve` in each pool mode, and a
+# raw client that logs in directly or through it, to compare what it receives.
+
+
+@pytest.fixture(scope="module", params=["session", "transaction"])
+def parity_proxy(request, migrated, tmp_path_factory) -> Iterator[Proxy]:
+    """A one-worker `o7s serve` in session mode, then in transaction mode (`.mode`), for the modules that
+    compare what a client receives through O7s with what it receives directly (test_*parity.py): one
+    worker, so that every client of an org is served from the same pool."""
+    p = start_proxy(migrated, tmp_path_factory.mktemp(f"parity-{request.param}"), "--pool-mode", request.param,
+                    "--workers", "1")
+    p.mode = request.param
+    yield p
+    stop_proxy(p)
+
+
+def direct_login(org: Org) -> tuple[str, int, str, str, str]:
+    """(host, port, user, password, dbname) of the org's backend database: PostgreSQL directly."""
+    u = urlsplit(org.backend_dsn)
+    return u.hostname or "", u.port or 0, u.username or "", u.password or "", u.path.lstrip("/")
+
+
+def proxy_login(proxy: Proxy, org: Org) -> tuple[str, int, str, str, str]:
+    """(host, port, user, password, dbname) of the org through `proxy`."""
+    return proxy.host, proxy.port, org.name, org.password, org.dbname
+
+
+@contextmanager
+def raw_session(host: str, port: int, user: str, password: str, dbname: str, timeout: float = 10.0,
+                **params: str) -> Iterator[tuple[RawPG, list[tuple[bytes, bytes]]]]:
+    """A raw client logged in (its login messages up to ReadyForQuery, which must hold no error); says
+    goodbye (Terminate) when the block ends without an exception."""
+    with RawPG(host, port, timeout=timeout) as pg:
+        seen = pg.login(user, password, dbname, **params)
+        while seen[-1][0] != b"Z":
+            got = pg.recv()
+            assert got is not None, f"connection closed during login: {seen}"
+            seen.append(got)
+        errors = [b for t, b in seen if t == b"E"]
+        assert not errors, errors
+        yield pg, seen
+        pg.send(b"X")
 
 
 # ---------------------------------------------------------------------------------------------- Redis

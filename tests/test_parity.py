@@ -27,13 +27,11 @@ import difflib
 import hashlib
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import Org, Proxy, RawPG, start_proxy, stop_proxy
+from conftest import Org, Proxy, direct_login, proxy_login, raw_session
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -330,14 +328,8 @@ class Transcript:
 
 
 def run_workload(host: str, port: int, user: str, password: str, dbname: str, **startup: str) -> Transcript:
-    with RawPG(host, port, timeout=60) as pg:
-        seen = pg.login(user, password, dbname, application_name=APP, client_encoding="UTF8", **startup)
-        while seen[-1][0] != b"Z":
-            got = pg.recv()
-            assert got is not None, f"connection closed during login: {seen}"
-            seen.append(got)
-        errors = [b for t, b in seen if t == b"E"]
-        assert not errors, errors
+    with raw_session(host, port, user, password, dbname, timeout=60, application_name=APP, client_encoding="UTF8",
+                     **startup) as (pg, seen):
         own_pid = next(struct.unpack("!i", b[:4])[0] for t, b in seen if t == b"K")
         startup = sorted(render(t, b, own_pid) for t, b in seen if t in (b"S", b"K"))
         startup.append(render(*seen[-1], own_pid))
@@ -357,7 +349,6 @@ def run_workload(host: str, port: int, user: str, password: str, dbname: str, **
                 got.append(render(*msg, own_pid))
                 ready += msg[0] == b"Z"
             steps.append((step.name, got))
-        pg.send(b"X")
         return Transcript(startup, steps)
 
 
@@ -386,15 +377,6 @@ def parity_org(make_org) -> Org:
     return org
 
 
-@pytest.fixture(scope="module", params=["session", "transaction"])
-def parity_proxy(request, migrated, tmp_path_factory) -> Iterator[Proxy]:
-    p = start_proxy(migrated, tmp_path_factory.mktemp(f"parity-{request.param}"), "--pool-mode", request.param,
-                    "--workers", "1")
-    p.mode = request.param  # type: ignore[attr-defined]
-    yield p
-    stop_proxy(p)
-
-
 @pytest.fixture(scope="module")
 def tier_settings(parity_org, migrated) -> dict[str, str]:
     """What O7s sets on every backend connection of the org (its tier's limits)."""
@@ -405,8 +387,7 @@ def tier_settings(parity_org, migrated) -> dict[str, str]:
 
 
 def _direct(org: Org, settings: dict[str, str]) -> Transcript:
-    dsn = urlsplit(org.backend_dsn)
-    return run_workload(dsn.hostname, dsn.port, dsn.username, dsn.password, dsn.path.lstrip("/"), **settings)
+    return run_workload(*direct_login(org), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -461,8 +442,7 @@ class Noise:
 def test_parity_through_o7s(parity_org, parity_proxy, direct):
     noise = Noise(parity_proxy, parity_org)
     try:
-        through = run_workload(parity_proxy.host, parity_proxy.port, parity_org.name, parity_org.password,
-                               parity_org.dbname)
+        through = run_workload(*proxy_login(parity_proxy, parity_org))
     finally:
         noise.close()
     assert noise.runs > 0

@@ -17,13 +17,12 @@ import difflib
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import groupby
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import Org, Proxy, RawPG, start_proxy, stop_proxy
+from conftest import Org, direct_login, proxy_login, raw_session
 from psycopg import errors as pgerr
 from psycopg import pq
 from test_parity import B, C, E, H, P, Q, S, render
@@ -34,15 +33,6 @@ QUIET = 0.4   # seconds in which nothing may arrive after a message the server d
 ANSWER = 5.0  # seconds an expected answer may take
 RUNS = 3      # fresh connections per workload: later ones find their statements on pooled backends
 ROWS = [(i, f"v{i}") for i in range(6)]
-
-
-@pytest.fixture(scope="module", params=["session", "transaction"])
-def pproxy(request, migrated, tmp_path_factory) -> Iterator[Proxy]:
-    p = start_proxy(migrated, tmp_path_factory.mktemp(f"pipe-{request.param}"), "--pool-mode", request.param,
-                    "--workers", "1")
-    p.mode = request.param  # type: ignore[attr-defined]
-    yield p
-    stop_proxy(p)
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +80,7 @@ RAW_STEPS: list[tuple[str, bytes, object]] = [
 
 
 def run_raw(host: str, port: int, user: str, password: str, dbname: str) -> list[tuple[str, list[str]]]:
-    with RawPG(host, port, timeout=ANSWER) as pg:
-        seen = pg.login(user, password, dbname)
-        while seen[-1][0] != b"Z":
-            got = pg.recv()
-            assert got is not None, seen
-            seen.append(got)
-        assert not [b for t, b in seen if t == b"E"], seen
+    with raw_session(host, port, user, password, dbname, timeout=ANSWER) as (pg, _):
         out = []
         for name, data, until in RAW_STEPS:
             if data:
@@ -123,19 +107,17 @@ def run_raw(host: str, port: int, user: str, password: str, dbname: str) -> list
                     if (until == "Z" and msg[0] == b"Z") or (isinstance(until, int) and len(got) == until):
                         break
             out.append((name, got))
-        pg.send(b"X")
     return out
 
 
-def test_raw_pipeline_timing_and_answers(porg, pproxy):
-    dsn = urlsplit(porg.backend_dsn)
-    direct = run_raw(dsn.hostname, dsn.port, dsn.username, dsn.password, dsn.path.lstrip("/"))
+def test_raw_pipeline_timing_and_answers(porg, parity_proxy):
+    direct = run_raw(*direct_login(porg))
     assert direct[0][1] == ["<nothing>"], direct  # the harness itself: the server holds its answer
     for run in range(RUNS):  # later runs find "SELECT 1" prepared on the pooled backends
-        through = run_raw(pproxy.host, pproxy.port, porg.name, porg.password, porg.dbname)
+        through = run_raw(*proxy_login(parity_proxy, porg))
         problems = [f"{name}:\n  direct: {want}\n  o7s:    {have}"
                     for (name, want), (_, have) in zip(direct, through) if want != have]
-        assert not problems, f"o7s {pproxy.mode}, run {run + 1}:\n" + "\n".join(problems)
+        assert not problems, f"o7s {parity_proxy.mode}, run {run + 1}:\n" + "\n".join(problems)
 
 
 # ------------------------------------------------------------------------------------- libpq's trace
@@ -213,17 +195,17 @@ def rounds(trace: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("work", [executemany, executemany_returning, pipeline_syncs, pipeline_error],
                          ids=lambda w: w.__name__)
-def test_libpq_trace_of_pipelines(porg, pproxy, work):
+def test_libpq_trace_of_pipelines(porg, parity_proxy, work):
     direct = traced(porg.backend_dsn, work)
     assert direct, "no trace"
     for run in range(RUNS):
-        through = traced(pproxy.dsn(porg), work)
+        through = traced(parity_proxy.dsn(porg), work)
         want = [line for line in direct if line[0] == "B"]
         have = [line for line in through if line[0] == "B"]
         if work is pipeline_error:
             want, have = until_error(want), until_error(have)
             assert want and want[-1].split("\t")[2] == "ErrorResponse", want
-        assert have == want, f"o7s {pproxy.mode}, run {run + 1}: the client received other messages:\n" + "\n".join(
+        assert have == want, f"o7s {parity_proxy.mode}, run {run + 1}: the client received other messages:\n" + "\n".join(
             difflib.unified_diff(want, have, "direct", "o7s", lineterm=""))
         if work is executemany:
             # No Flush until the end: the same messages from the client, in one round trip. (When libpq
@@ -231,4 +213,4 @@ def test_libpq_trace_of_pipelines(porg, pproxy, work):
             # through O7s showed one more, with the same backend messages and round trips.)
             assert frontend(through) == frontend(direct)
             assert rounds(direct) == ["F", "B", "F", "B"], direct  # the work, then the closing query
-            assert rounds(through) == rounds(direct), f"o7s {pproxy.mode}, run {run + 1}:\n" + "\n".join(through)
+            assert rounds(through) == rounds(direct), f"o7s {parity_proxy.mode}, run {run + 1}:\n" + "\n".join(through)

@@ -14,11 +14,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import Org, Proxy, RawPG, extra_tier, start_proxy, stop_proxy
+from conftest import Org, direct_login, extra_tier, proxy_login, raw_session
 from test_parity import B, C, E, P, Q, S, render
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,15 +29,6 @@ PREPARED_MAX = 5   # psycopg's LRU of prepared statements
 DISTINCT = 10      # distinct queries run, past PREPARED_MAX
 MANY = 1100        # statements one client leaves behind (more than a backend keeps, 256, and O7s tracked, 1024)
 LIST = "SELECT name, statement FROM pg_prepared_statements ORDER BY prepare_time, name"
-
-
-@pytest.fixture(scope="module", params=["session", "transaction"])
-def sproxy(request, migrated, tmp_path_factory) -> Iterator[Proxy]:
-    p = start_proxy(migrated, tmp_path_factory.mktemp(f"prep-{request.param}"), "--pool-mode", request.param,
-                    "--workers", "1")
-    p.mode = request.param  # type: ignore[attr-defined]
-    yield p
-    stop_proxy(p)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +51,11 @@ def lru(dsn: str, autocommit: bool) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("autocommit", [False, True], ids=["in-a-transaction", "autocommit"])
-def test_lru_eviction_of_prepared_statements(one_org, sproxy, autocommit):
+def test_lru_eviction_of_prepared_statements(one_org, parity_proxy, autocommit):
     direct = lru(one_org.backend_dsn, autocommit)
     assert len(direct) == PREPARED_MAX, direct  # the harness: psycopg closed the ones it evicted
-    through = lru(sproxy.dsn(one_org), autocommit)
-    if sproxy.mode == "session":
+    through = lru(parity_proxy.dsn(one_org), autocommit)
+    if parity_proxy.mode == "session":
         assert through == direct
     else:
         assert [s for _, s in through] == [s for _, s in direct]
@@ -93,10 +83,7 @@ RAW_STEPS: list[tuple[bytes, int]] = [  # (what is sent, ReadyForQuery messages 
 
 def run_raw(host: str, port: int, user: str, password: str, dbname: str) -> list[list[str]]:
     out = []
-    with RawPG(host, port, timeout=10) as pg:
-        seen = pg.login(user, password, dbname)
-        while seen[-1][0] != b"Z":
-            seen.append(pg.recv())
+    with raw_session(host, port, user, password, dbname) as (pg, _):
         for data, readies in RAW_STEPS:
             pg.sendall(data)
             got: list[str] = []
@@ -106,7 +93,6 @@ def run_raw(host: str, port: int, user: str, password: str, dbname: str) -> list
                 got.append(render(*msg, None))
                 readies -= msg[0] == b"Z"
             out.append(got)
-        pg.send(b"X")
     return out
 
 
@@ -115,11 +101,10 @@ def names_masked(lines: list[str]) -> list[str]:
     return [line.split(" | ", 1)[1] if line.startswith("D ") and " | " in line else line for line in lines]
 
 
-def test_deallocate_and_close_reach_the_server(one_org, sproxy):
-    dsn = urlsplit(one_org.backend_dsn)
-    direct = run_raw(dsn.hostname, dsn.port, dsn.username, dsn.password, dsn.path.lstrip("/"))
-    through = run_raw(sproxy.host, sproxy.port, one_org.name, one_org.password, one_org.dbname)
-    if sproxy.mode == "transaction":
+def test_deallocate_and_close_reach_the_server(one_org, parity_proxy):
+    direct = run_raw(*direct_login(one_org))
+    through = run_raw(*proxy_login(parity_proxy, one_org))
+    if parity_proxy.mode == "transaction":
         direct = [names_masked(x) for x in direct]
         through = [names_masked(x) for x in through]
     problems = [f"step {i}: {RAW_STEPS[i][0][:40]!r}\n  direct: {want}\n  o7s:    {have}"
@@ -127,15 +112,15 @@ def test_deallocate_and_close_reach_the_server(one_org, sproxy):
     assert not problems, "\n".join(problems)
 
 
-def test_statements_left_behind_do_not_stay_prepared(one_org, sproxy):
+def test_statements_left_behind_do_not_stay_prepared(one_org, parity_proxy):
     """A client prepares and runs many statements (more than a backend keeps), closes some, and goes away:
     the next client on that backend finds none of them prepared."""
-    with psycopg.connect(sproxy.dsn(one_org), autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(parity_proxy.dsn(one_org), autocommit=True, connect_timeout=10) as conn:
         conn.prepare_threshold = 0
         conn.prepared_max = MANY + 10
         for i in range(MANY):
             conn.execute(f"SELECT {i} AS left_behind")
-    with psycopg.connect(sproxy.dsn(one_org), autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(parity_proxy.dsn(one_org), autocommit=True, connect_timeout=10) as conn:
         left = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%left_behind%'",
                             prepare=False).fetchone()[0]
         assert left == 0, f"{left} statements of a client that has gone are still prepared on its backend"
