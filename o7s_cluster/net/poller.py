@@ -38,6 +38,8 @@ class Poller:
         self._running = False
 
     def add(self, fd: int, handler: Handler) -> None:
+        if self._ep.closed:
+            raise RuntimeError("the worker's poller has ended (shutting down)")
         self._handlers[fd] = handler
         self._ep.register(fd, select.EPOLLIN)
         if not self._running:
@@ -46,16 +48,20 @@ class Poller:
 
     def pause(self, fd: int) -> None:
         """Stop calling the handler (its own task goes on with the socket) until `resume`."""
-        self._ep.modify(fd, 0)
+        if not self._ep.closed:  # else the worker is shutting down: nothing is called any more
+            self._ep.modify(fd, 0)
 
     def resume(self, fd: int) -> None:
-        self._ep.modify(fd, select.EPOLLIN)
+        if not self._ep.closed:
+            self._ep.modify(fd, select.EPOLLIN)
 
     def remove(self, fd: int, handler: Handler) -> None:
         """Forget `fd` if `handler` is still its handler; call it before the socket is closed (a closed
         descriptor's number is soon another socket's)."""
         if self._handlers.get(fd) == handler:
             del self._handlers[fd]
+            if self._ep.closed:  # the poller ended first (its nursery is shutting down)
+                return
             try:
                 self._ep.unregister(fd)
             except OSError:
