@@ -450,8 +450,22 @@ async def test_sixth_free_connection_refused_across_workers(redis_server) -> Non
         await trio.sleep(0.05)
         assert a.connections(ORG) == 0 and b.connections(ORG) == 0
         r = redis.Redis.from_url(redis_server.url)
-        assert r.hgetall(f"o7s:conn:{{{ORG}}}") == {}
+        assert set(r.hvals(f"o7s:conn:{{{ORG}}}")) <= {b"0"}  # a live worker's field stays, at 0
         n.cancel_scope.cancel()
+
+
+async def test_an_acquire_racing_a_release_does_not_restore_the_released_count(redis_server) -> None:
+    """The gate's calls run on several threads: an acquire may carry the count of before a release
+    that lands first in Redis. It must count one connection, not bring the released one back."""
+    lim = Limits(settings(redis_server.url), worker_key="w-race")
+    lim._connect()
+    assert lim._gate_call(ORG, "acquire", 5, 1, 0) == (1, 1)  # one connection open
+    assert lim._gate_call(ORG, "release", 0, 1, 0) == (1, 0)  # it closes (the release lands first)
+    # the next login's acquire was sent with the count of before the release (open 0 + pending 1)
+    assert lim._gate_call(ORG, "acquire", 5, 1, 1) == (1, 1)
+    assert lim._gate_call(ORG, "release", 0, 1, 0) == (1, 0)
+    r = redis.Redis.from_url(redis_server.url)
+    assert sum(int(v) for v in r.hvals(f"o7s:conn:{{{ORG}}}")) == 0
 
 
 async def test_enterprise_has_no_next_tier_hint() -> None:

@@ -30,6 +30,9 @@ from o7s_cluster.redisconn import REDIS_ERRORS
 # A worker whose heartbeat is older than expiry_ms no longer counts (its field is deleted). Before
 # counting, a missing field of this worker is restored from `absolute` (Redis restarted, or this worker
 # was cut off for longer than the expiry), so a worker's connections are never forgotten while it lives.
+# A release leaves the field at 0 rather than deleting it: `absolute` is the worker's count when the call
+# was made, and a release landing in between (the calls run on several threads) must not make an
+# acquire "restore" a count that was just released (that leaked one connection for good).
 GATE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -59,8 +62,8 @@ if mode == 'acquire' then
   end
 elseif mode == 'release' then
   local left = redis.call('HINCRBY', KEYS[1], w, -tonumber(ARGV[5]))
-  if left <= 0 then
-    redis.call('HDEL', KEYS[1], w)
+  if left < 0 then
+    redis.call('HSET', KEYS[1], w, 0)
     total = total - tonumber(ARGV[5]) - left
   else
     total = total - tonumber(ARGV[5])

@@ -205,22 +205,25 @@ class ClientSession(Polled, Attaching):
                 pass
 
     async def _cleanup(self) -> None:
-        self.server.unregister(self)
-        if self.pool is not None and self.pool.listener is not None:
-            self.pool.listener.unsubscribe(self)
-        self.server.input_budget.forget(self)
-        conn, self.conn = self.conn, None
-        if conn is not None and self.pool is not None:
-            conn.sink = None
-            self.counters.backend_connections -= 1
-            await self._give_back(conn, self.pool)
-        if self.logged_in:
-            self.counters.connection_closed()
-            if self.core is not None:
-                self.core.statements.drop_all()
-        if self.ticket is not None:
-            self.ticket.release()
-        self.channel.close()
+        """Whatever goes wrong giving the backend back, the client's count and socket are released."""
+        try:
+            self.server.unregister(self)
+            if self.pool is not None and self.pool.listener is not None:
+                self.pool.listener.unsubscribe(self)
+            self.server.input_budget.forget(self)
+            conn, self.conn = self.conn, None
+            if conn is not None and self.pool is not None:
+                conn.sink = None
+                self.counters.backend_connections -= 1
+                await self._give_back(conn, self.pool)
+        finally:
+            if self.logged_in:
+                self.counters.connection_closed()
+                if self.core is not None:
+                    self.core.statements.drop_all()
+            if self.ticket is not None:
+                self.ticket.release()
+            self.channel.close()
 
     async def _give_back(self, conn: BackendConn, pool: Pool) -> None:
         """Return a connection at the end of a session: only clean and idle, else it is closed."""
