@@ -8,7 +8,13 @@ raw non-blocking sockets from `trio.lowlevel`, `recv_into` a buffer allocated on
 `send` first, and `wait_readable` / `wait_writable` only after `BlockingIOError`; TCP_NODELAY on
 both sides.
 
-    python loadtest/bare_relay.py --listen 127.0.0.1:7000 --backend 127.0.0.1:5432
+    python loadtest/bare_relay.py --listen 127.0.0.1:7000 --backend 127.0.0.1:5432 [--poller]
+
+With `--poller` (the `poll-relay` target) it reads every socket through O7s's own worker poller
+(`o7s_cluster.net.poller`: one epoll set, each socket registered once, one task calling handlers),
+which O7s itself uses for plain sockets: the floor for a relay built the way O7s now is, so that
+"O7s ÷ relay" compares like with like. A send the kernel does not take at once is finished by the
+connection's own task, while its source socket is paused.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import errno
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 import trio
+
+from o7s_cluster.net.poller import Poller
 
 BUFFER_SIZE = 64 * 1024     # bytes per direction per connection, allocated once
 FAIR_STREAK = 32            # reads in a row without waiting before yielding to other tasks
@@ -106,7 +115,69 @@ async def _serve_client(client: socket.socket, backend_addr: tuple[str, int]) ->
         _close(backend)
 
 
-async def serve(listen: tuple[str, int], backend: tuple[str, int]) -> None:
+async def _serve_client_polled(client: socket.socket, backend_addr: tuple[str, int], poller: Poller) -> None:
+    try:
+        backend = await _connect(backend_addr)
+    except OSError as ex:
+        print(f"bare_relay: backend connect failed: {ex}", file=sys.stderr, flush=True)
+        _close(client)
+        return
+    lot = trio.lowlevel.ParkingLot()
+    rests: list[tuple[socket.socket, socket.socket, memoryview]] = []  # sends to finish, by the task
+    ended = False
+
+    def handler(src: socket.socket, dst: socket.socket) -> Callable[[], None]:
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        fd = src.fileno()
+
+        def on_readable() -> None:
+            nonlocal ended
+            try:
+                n = src.recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            sent = 0
+            if n:
+                try:
+                    sent = dst.send(view[:n])
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    n = 0
+            if n == 0:
+                ended = True
+            elif sent == n:
+                return
+            else:
+                poller.pause(fd)  # buf holds the rest until the task has sent it
+                rests.append((src, dst, view[sent:n]))
+            lot.unpark_all()
+        return on_readable
+
+    on_client, on_backend = handler(client, backend), handler(backend, client)
+    poller.add(client.fileno(), on_client)
+    poller.add(backend.fileno(), on_backend)
+    try:
+        while not ended:
+            if not rests:
+                await lot.park()
+                continue
+            src, dst, rest = rests.pop()
+            await _send_all(dst, rest)
+            poller.resume(src.fileno())
+    except OSError:
+        pass
+    finally:
+        poller.remove(client.fileno(), on_client)
+        poller.remove(backend.fileno(), on_backend)
+        _close(client)
+        _close(backend)
+
+
+async def serve(listen: tuple[str, int], backend: tuple[str, int], polled: bool = False) -> None:
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(listen)
@@ -114,6 +185,7 @@ async def serve(listen: tuple[str, int], backend: tuple[str, int]) -> None:
     ls.setblocking(False)
     print(f"bare_relay: listening on {listen[0]}:{listen[1]}, backend {backend[0]}:{backend[1]}", flush=True)
     async with trio.open_nursery() as nursery:
+        poller = Poller(nursery) if polled else None
         while True:
             try:
                 client, _ = ls.accept()
@@ -125,7 +197,10 @@ async def serve(listen: tuple[str, int], backend: tuple[str, int]) -> None:
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
             _nodelay(client)
-            nursery.start_soon(_serve_client, client, backend)
+            if poller is not None:
+                nursery.start_soon(_serve_client_polled, client, backend, poller)
+            else:
+                nursery.start_soon(_serve_client, client, backend)
 
 
 def _addr(s: str) -> tuple[str, int]:
@@ -137,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--listen", type=_addr, required=True, help="HOST:PORT to accept clients on")
     ap.add_argument("--backend", type=_addr, required=True, help="HOST:PORT of the server to relay to")
+    ap.add_argument("--poller", action="store_true", help="read the sockets through O7s's worker poller")
     a = ap.parse_args(argv)
     try:
-        trio.run(serve, a.listen, a.backend)
+        trio.run(serve, a.listen, a.backend, a.poller)
     except KeyboardInterrupt:
         pass
     return 0

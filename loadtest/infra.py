@@ -410,6 +410,7 @@ class BareRelay:
     backend_port: int
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
+    poller: bool = False  # read through O7s's worker poller (the poll-relay target)
     proc: subprocess.Popen | None = None
 
     def start(self) -> "BareRelay":
@@ -417,7 +418,7 @@ class BareRelay:
         script = Path(__file__).resolve().parent / "bare_relay.py"
         self.proc = subprocess.Popen(
             [sys.executable, str(script), "--listen", f"{self.host}:{self.port}",
-             "--backend", f"{self.backend_host}:{self.backend_port}"],
+             "--backend", f"{self.backend_host}:{self.backend_port}", *(["--poller"] if self.poller else [])],
             stdout=open(self.workdir / "bare_relay.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True, cwd=self.workdir,
         )

@@ -30,8 +30,8 @@ from loadtest import bench, infra, pgbench_profile, pgbench_report
 from loadtest.hdr import Histogram
 
 MODES = ("simple", "extended", "prepared")
-TARGETS = ("direct", "pgbouncer", "bare-relay", "o7s-w1", "o7s-w2")
-ONE_TO_ONE = frozenset({"direct", "bare-relay"})  # a backend per client, gone when pgbench is
+TARGETS = ("direct", "pgbouncer", "bare-relay", "poll-relay", "o7s-w1", "o7s-w2")
+ONE_TO_ONE = frozenset({"direct", "bare-relay", "poll-relay"})  # a backend per client, gone when pgbench is
 NO_PREPARED = frozenset({"pgbouncer"})   # PgBouncer 1.18: no named statements in transaction mode
 ORG = "lt_bench"
 BENCH_TIER = "bench"
@@ -80,6 +80,7 @@ class PgbenchStack:
     org: infra.OrgSpec | None = None
     bouncer: infra.PgBouncer | None = None
     relay: infra.BareRelay | None = None
+    poll_relay: infra.BareRelay | None = None
     o7s: dict = field(default_factory=dict)      # target name -> infra.O7s
 
     def start(self, log=print) -> "PgbenchStack":
@@ -99,6 +100,10 @@ class PgbenchStack:
         if "bare-relay" in o.targets:
             log("starting the bare trio relay (loadtest/bare_relay.py)")
             self.relay = infra.BareRelay(self.workdir / "relay", self.pg.host, self.pg.port).start()
+        if "poll-relay" in o.targets:
+            log("starting the bare relay on O7s's poller (loadtest/bare_relay.py --poller)")
+            self.poll_relay = infra.BareRelay(self.workdir / "poll-relay", self.pg.host, self.pg.port,
+                                              poller=True).start()
         if n_o7s:
             ok, help_text = infra.o7s_available()
             if not ok:
@@ -121,6 +126,8 @@ class PgbenchStack:
             return self.bouncer.host, self.bouncer.port
         if target == "bare-relay":
             return self.relay.host, self.relay.port
+        if target == "poll-relay":
+            return self.poll_relay.host, self.poll_relay.port
         return self.o7s[target].host, self.o7s[target].port
 
     def server_pids(self) -> dict[str, int]:
@@ -130,11 +137,13 @@ class PgbenchStack:
             out["pgbouncer"] = self.bouncer.proc.pid
         if self.relay:
             out["bare-relay"] = self.relay.proc.pid
+        if self.poll_relay:
+            out["poll-relay"] = self.poll_relay.proc.pid
         out.update({t: s.proc.pid for t, s in self.o7s.items()})
         return out
 
     def stop(self) -> None:
-        for s in [*self.o7s.values(), self.relay, self.bouncer, self.pg]:
+        for s in [*self.o7s.values(), self.relay, self.poll_relay, self.bouncer, self.pg]:
             if s is not None:
                 try:
                     s.stop()
@@ -364,7 +373,7 @@ def run(opts: PgbenchOptions, workdir: Path, log=print, profile_only: bool = Fal
                     runs.append(r)
         if opts.profile or profile_only:
             for mode in opts.profile_modes:
-                for t in [t for t in opts.targets if t.startswith("o7s") or t == "bare-relay"]:
+                for t in [t for t in opts.targets if t.startswith("o7s") or t.endswith("relay")]:
                     time.sleep(SETTLE_S)
                     stem = result_paths(Path(opts.out), opts.tag)[1].stem + f"-profile-{t}-{mode}"
                     p = pgbench_profile.profile_run(stack, t, mode, opts, workdir, run_pgbench, stem, log)

@@ -53,6 +53,7 @@ def checks(agg: dict) -> list[dict]:
     modes = list(dict.fromkeys(m for m, _ in agg))
     for mode in modes:
         pgb, bare = agg.get((mode, "pgbouncer")), agg.get((mode, "bare-relay"))
+        polled = agg.get((mode, "poll-relay"))
         for (m, t), a in agg.items():
             if m != mode or not t.startswith("o7s"):
                 continue
@@ -68,6 +69,10 @@ def checks(agg: dict) -> list[dict]:
                 r = _ratio(cpu, bare["proxy_cpu_us_per_tx"])
                 rows.append({"mode": mode, "target": t, "check": f"CPU/tx ≤ {CPU_VS_BARE:g}× bare relay",
                              "value": r, "ok": r is not None and r <= CPU_VS_BARE})
+            if polled:
+                r = _ratio(cpu, polled["proxy_cpu_us_per_tx"])
+                rows.append({"mode": mode, "target": t, "check": f"CPU/tx ≤ {CPU_VS_BARE:g}× relay on the poller",
+                             "value": r, "ok": r is not None and r <= CPU_VS_BARE})
             if t == "o7s-w2" and pgb:
                 r = _ratio(a["tps"], pgb["tps"])
                 rows.append({"mode": mode, "target": t, "check": f"tps ≥ {TPS_VS_PGBOUNCER:g}× PgBouncer",
@@ -77,17 +82,18 @@ def checks(agg: dict) -> list[dict]:
 
 def _mode_table(mode: str, agg: dict) -> list[str]:
     pgb, bare = agg.get((mode, "pgbouncer")), agg.get((mode, "bare-relay"))
+    polled = agg.get((mode, "poll-relay"))
     lines = [
         "| target | tps | latency avg ms | stddev ms | P50 / P95 / P99 ms (sampled) | proxy CPU µs/tx "
-        "| proxy cores | of which kernel | CPU/tx × PgBouncer | CPU/tx × bare relay | tps × PgBouncer | PostgreSQL CPU µs/tx "
-        "| pgbench CPU µs/tx | machine idle | steal | other work (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| proxy cores | of which kernel | CPU/tx × PgBouncer | CPU/tx × bare relay | CPU/tx × poll relay "
+        "| tps × PgBouncer | PostgreSQL CPU µs/tx | pgbench CPU µs/tx | machine idle | steal | other work (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (m, t), a in agg.items():
         if m != mode:
             continue
         if not a["n"]:
-            lines.append(f"| {t} | failed: {'; '.join(' '.join(e) for e in a['errors'])[:200]} |" + " |" * 15)
+            lines.append(f"| {t} | failed: {'; '.join(' '.join(e) for e in a['errors'])[:200]} |" + " |" * 16)
             continue
         cpu = a["proxy_cpu_us_per_tx"]
         tps_s = _f(a["tps"], 0)
@@ -102,6 +108,7 @@ def _mode_table(mode: str, agg: dict) -> list[str]:
             f"| {_f(a['proxy_cores'], 2)} | {_f(a['proxy_system_frac'] and 100 * a['proxy_system_frac'], 0, ' %')} "
             f"| {_f(_ratio(cpu, pgb and pgb['proxy_cpu_us_per_tx']), 2, '×') if t != 'pgbouncer' else '1×'} "
             f"| {_f(_ratio(cpu, bare and bare['proxy_cpu_us_per_tx']), 2, '×') if t != 'bare-relay' else '1×'} "
+            f"| {_f(_ratio(cpu, polled and polled['proxy_cpu_us_per_tx']), 2, '×') if t != 'poll-relay' else '1×'} "
             f"| {_f(_ratio(a['tps'], pgb and pgb['tps']), 2, '×')} "
             f"| {_f(a['postgres_cpu_us_per_tx'], 1)} | {_f(a['pgbench_cpu_us_per_tx'], 1)} "
             f"| {_f(100 * a['machine_idle_frac'], 0, ' %')} | {_f(100 * a['machine_steal_frac'], 1, ' %')} "
@@ -122,7 +129,7 @@ def _noise(runs: list[dict]) -> list[str]:
         if r.get("machine_steal_frac", 0) > NOISY_STEAL:
             notes.append(f"**noisy**: steal {100 * r['machine_steal_frac']:.1f} %")
         sched, ticks = r.get("proxy_cpu_s_schedstat_main_thread"), r.get("proxy_cpu_s")
-        if sched is not None and ticks and r["target"] in ("pgbouncer", "bare-relay") and abs(sched - ticks) > 0.1 * ticks:
+        if sched is not None and ticks and r["target"] in ("pgbouncer", "bare-relay", "poll-relay") and abs(sched - ticks) > 0.1 * ticks:
             notes.append(f"utime+stime {ticks:.2f} s but schedstat {sched:.2f} s")
         if r["target"].startswith("o7s") and r.get("proxy_cpu_per_process"):
             notes.append("by process: " + ", ".join(f"{n}[{p}] {v:.2f} s" for n, p, v in r["proxy_cpu_per_process"]))
@@ -174,7 +181,10 @@ NOTES = """## How it is measured
   (raw non-blocking sockets, `recv_into` a preallocated buffer, `send` first, `wait_readable` /
   `wait_writable` only after `BlockingIOError`, two tasks per connection, TCP_NODELAY). **It is
   1:1, not pooled**: each client has its own PostgreSQL backend, so it does none of a pooler's
-  work; it is the floor for moving bytes through trio, not a peer. `o7s-wN`: `o7s serve --workers N
+  work; it is the floor for moving bytes through trio, not a peer. `poll-relay`: the same relay
+  reading its sockets through O7s's own worker poller (`o7s_cluster.net.poller`: one epoll set,
+  each socket registered once, one task calling the ready sockets' handlers), the floor for a relay
+  built as O7s now is; O7s ÷ poll relay compares like with like. `o7s-wN`: `o7s serve --workers N
   --pool-mode transaction`; the org is on a tier `bench` added to the throwaway control plane as a
   copy of `enterprise` with `pool_size` = the pool size above and connection and query-rate ceilings
   no run reaches (so the limiter counts every query but never throttles). With 2 workers the org

@@ -1,6 +1,6 @@
 """Smoke run of `python -m loadtest pgbench --quick` (issue 10's benchmark) against PgBouncer, the
-bare trio relay and O7s with one worker, into a temporary directory: the harness must produce a
-well-formed report and JSON with transactions for every target. No figure is asserted: tps and
+bare trio relay (plain and on the poller) and O7s with one worker, into a temporary directory: the
+harness must produce a well-formed report and JSON with transactions for every target. No figure is asserted: tps and
 CPU per transaction are benchmark results (loadtest/results/PGBENCH-*.md), never a timed test.
 Plus the parsers it relies on, on fixed inputs."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ["pgbouncer", "bare-relay", "o7s-w1"]
+TARGETS = ["pgbouncer", "bare-relay", "poll-relay", "o7s-w1"]
 
 
 @pytest.mark.timeout(150)
@@ -47,6 +47,7 @@ def test_pgbench_quick_smoke(tmp_path):
     for t in TARGETS:
         assert f"| {t} |" in report
     assert "CPU/tx ≤ 1.5× bare relay" in report and "CPU/tx ≤ 2.5× PgBouncer" in report
+    assert "CPU/tx ≤ 1.5× relay on the poller" in report
 
 
 PGBENCH_STDOUT = """pgbench (15.20 (Debian 15.20-0+deb12u1))
