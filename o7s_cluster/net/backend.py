@@ -24,6 +24,7 @@ from o7s_cluster.pgwire.scram import ScramClient, ScramError, md5_password
 
 # Backends are trusted more than clients, but a length is still capped: PostgreSQL's own 1 GiB.
 MAX_BACKEND_MESSAGE = 1 << 30
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: or-ing the enum flags costs more than the peek
 log = logging.getLogger("o7s.backend")
 _I32 = struct.Struct("!i")
 
@@ -110,7 +111,7 @@ class BackendConn:
         if self.dead:
             return False
         try:
-            data = self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = self.raw.recv(1, _PEEK_NOW)
         except BlockingIOError:
             return True
         except OSError:

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from o7s_cluster.net.channel import Channel, Outbox, send_now
-from o7s_cluster.pgwire import errors as codes
-from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.proxy.params import sync_sql
 from o7s_cluster.proxy.relay import RELEASE
 from o7s_cluster.proxy.session import NEED_BACKEND, PROCEED, SessionCore
@@ -59,6 +57,8 @@ class Polled:
         async def _drive(self, action: int) -> bool: ...
         async def _finish_backend(self, verdict: int) -> None: ...
         async def _settle(self, conn: BackendConn, sql: str) -> None: ...
+        async def _receive_client(self) -> memoryview | bytes: ...
+        async def _take_client(self, data: memoryview | bytes) -> bool: ...
 
     # --- the client's socket ---------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class Polled:
         if not data:
             return _said_goodbye()
         if self._helping is not None:  # a helper drives the core after a grant: it goes first
-            return self._feed_after_helper(data)
+            return self._take_client(data)
         core = self.core
         assert core is not None
         try:
@@ -160,30 +160,14 @@ class Polled:
         await self._settle(conn, sql)
         return await self._drive(self.core.resume(time.perf_counter()))
 
-    async def _feed_after_helper(self, data: memoryview | bytes) -> bool:
-        while self._helping is not None:
-            await self._helping.wait()
-        assert self.core is not None
-        return await self._drive(self.core.feed_client(data, time.perf_counter()))
-
     async def _read_on(self) -> bool:
         """While a message is incomplete (and not queued whole for a backend), read the client here,
         each read under the message timeout; False when the client said goodbye."""
         core = self.core
         assert core is not None
-        channel = self.channel
-        timeout = self.settings.message_timeout
         while core.partial_input() and not self._queued:
-            with trio.move_on_after(timeout) as scope:
-                data = await channel.receive()
-            if scope.cancelled_caught:
-                raise ClientError(codes.PROTOCOL_VIOLATION,
-                                  f"message not completed within {timeout:g} s (--message-timeout)")
-            if not data:
-                return False
-            while self._helping is not None:
-                await self._helping.wait()
-            if not await self._drive(core.feed_client(data, time.perf_counter())):
+            data = await self._receive_client()
+            if not data or not await self._take_client(data):
                 return False
         return True
 

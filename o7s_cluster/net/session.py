@@ -286,25 +286,29 @@ class ClientSession(Polled, Attaching):
         self._serve_scope.cancel()
 
     async def _client_loop(self) -> None:
-        core = self.core
-        assert core is not None
-        channel = self.channel
+        while (data := await self._receive_client()) and await self._take_client(data):
+            pass
+
+    async def _receive_client(self) -> memoryview | bytes:
+        """The client's next bytes (b'' at its end); while a message is incomplete, and not queued whole
+        for a backend, under the message timeout."""
+        assert self.core is not None
+        if not self.core.partial_input() or self._queued:
+            return await self.channel.receive()
         timeout = self.settings.message_timeout
-        while True:
-            if core.partial_input() and not self._queued:  # (queued: a whole message waits for a backend)
-                with trio.move_on_after(timeout) as scope:
-                    data = await channel.receive()
-                if scope.cancelled_caught:
-                    raise ClientError(codes.PROTOCOL_VIOLATION,
-                                      f"message not completed within {timeout:g} s (--message-timeout)")
-            else:
-                data = await channel.receive()
-            if not data:
-                return
-            while self._helping is not None:  # a helper drives the core after a grant: it goes first
-                await self._helping.wait()
-            if not await self._drive(core.feed_client(data, time.perf_counter())):
-                return
+        with trio.move_on_after(timeout) as scope:
+            data = await self.channel.receive()
+        if scope.cancelled_caught:
+            raise ClientError(codes.PROTOCOL_VIOLATION,
+                              f"message not completed within {timeout:g} s (--message-timeout)")
+        return data
+
+    async def _take_client(self, data: memoryview | bytes) -> bool:
+        """Feed the core what the client sent and apply its decisions; False when the client said goodbye."""
+        while self._helping is not None:  # a helper drives the core after a grant: it goes first
+            await self._helping.wait()
+        assert self.core is not None
+        return await self._drive(self.core.feed_client(data, time.perf_counter()))
 
     async def _drive(self, action: int) -> bool:
         """Apply what the core asks and send what it made; False when the client said goodbye."""
