@@ -1,5 +1,6 @@
 """The sans-IO session core, driven with bytes (no sockets, no trio), for issue 14's parity groups: a cancel
-that reaches a query O7s holds back (group 4); answers O7s makes itself in pipeline mode (group 6); statements a client drops (group 7)."""
+that reaches a query O7s holds back (group 4); answers O7s makes itself in pipeline mode (group 6); statements a client drops (group 7);
+named statements after an error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from test_proxy_session import (BIND_DONE, CLOSE_DONE, PARSE_DONE, SYNC, Counter
 
 from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.proxy.backend import BackendState
+from o7s_cluster.proxy.relay import RELEASE
 from o7s_cluster.proxy.session import NEED_BACKEND, NEED_TOKEN, PROCEED, SessionCore
 from o7s_cluster.proxy.statements import ClientStatements as ClientStatementsFor
 from o7s_cluster.proxy.statements import PoolStatements, statement_key
@@ -276,3 +278,152 @@ def test_a_backend_behind_the_log_looks_at_all_it_holds():
                     client_params={"client_encoding": "UTF8"}, take_token=Tokens())
     c.attached(backend)
     assert not backend.prepared and messages(take(c.to_backend)) == [b"C", b"C", b"C", b"S"]
+
+
+# --- named statements after an error: the server refuses or skips the rest of the batch up to its Sync ------
+# PostgreSQL leaves a name whose Parse failed or was skipped undefined (its Bind: 26000, its Parse again:
+# fine) and a statement whose Close was skipped defined; O7s's names must follow.
+
+BAD = "selec 1"
+
+
+def key_of(sql: str) -> bytes:
+    return statement_key(sql.encode() + b"\0\0\0")
+
+
+def in_transaction(c: SessionCore, backend: BackendState | None = None) -> BackendState:
+    backend = attach(c, query("begin"), backend)
+    c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0)
+    take(c.to_backend), take(c.to_client)
+    return backend
+
+
+def released(c: SessionCore, answer: bytes) -> bytes:
+    """The backend's answer ends the transaction: what the client got (the backend goes back)."""
+    assert c.feed_backend(answer, 2.0) == RELEASE
+    c.detach()
+    return take(c.to_client)
+
+
+def test_a_named_parse_the_server_refuses_leaves_the_name_undefined():
+    c = core()
+    backend = attach(c, parse(b"s1", BAD) + bind(b"s1") + execute() + SYNC)
+    assert take(c.to_backend).startswith(msg(b"P", key_of(BAD) + b"\0" + BAD.encode() + b"\0\0\0"))
+    assert error_code(released(c, error("42601") + ready())) == "42601"
+    assert c.statements.get(b"s1") is None and not c.pool_statements.refs and key_of(BAD) not in backend.prepared
+    # Its Bind reaches the server under the client's name, which the server does not know either: 26000.
+    attach(c, bind(b"s1") + execute() + SYNC, backend)
+    assert take(c.to_backend) == bind(b"s1") + execute() + SYNC
+    out = released(c, error("26000") + ready())
+    assert messages(out) == [b"E", b"Z"] and error_code(out) == "26000"
+    # Parsed again, the name works.
+    attach(c, parse(b"s1", "select 1") + bind(b"s1") + execute() + SYNC, backend)
+    key = key_of("select 1")
+    assert take(c.to_backend) == parse(key, "select 1") + bind(key) + execute() + SYNC
+    assert messages(released(c, PARSE_DONE + BIND_DONE + complete("SELECT 1") + ready())) == [b"1", b"2", b"C", b"Z"]
+    assert c.statements.get(b"s1") is not None
+
+
+def test_of_two_parses_in_one_batch_the_one_the_server_refuses_is_undefined():
+    c = core()
+    backend = in_transaction(c)
+    assert c.feed_client(parse(b"s1", "select 1") + parse(b"s2", BAD) + SYNC, 1.0) == PROCEED
+    assert messages(take(c.to_backend)) == [b"P", b"P", b"S"]
+    c.feed_backend(PARSE_DONE + error("42601") + ready(b"E"), 2.0)
+    assert messages(take(c.to_client)) == [b"1", b"E", b"Z"]
+    assert c.statements.get(b"s1") is not None and c.statements.get(b"s2") is None
+    assert key_of("select 1") in backend.prepared and key_of(BAD) not in backend.prepared
+    c.feed_client(query("rollback"), 1.0)
+    take(c.to_backend)
+    released(c, complete("ROLLBACK") + ready())
+    attach(c, bind(b"s1") + execute() + bind(b"s2") + execute() + SYNC, backend)
+    assert take(c.to_backend) == bind(key_of("select 1")) + execute() + bind(b"s2") + execute() + SYNC
+
+
+def test_parses_the_server_skips_after_an_error_are_undefined():
+    """Skipped: one O7s sent and one it answered itself (its text is on the backend); no answer of either
+    reaches the client, and neither name is left defined."""
+    c = core()
+    backend = in_transaction(c)
+    backend.prepared.add(key_of("select 3"))
+    batch = (parse(b"s1", "select 1/0") + bind(b"s1") + execute() + parse(b"s2", "select 2")
+             + parse(b"s3", "select 3") + SYNC)
+    assert c.feed_client(batch, 1.0) == PROCEED
+    assert messages(take(c.to_backend)) == [b"P", b"B", b"E", b"P", b"S"]
+    c.feed_backend(PARSE_DONE + BIND_DONE + error("22012") + ready(b"E"), 2.0)
+    assert messages(take(c.to_client)) == [b"1", b"2", b"E", b"Z"]
+    assert c.statements.get(b"s1") is not None
+    assert c.statements.get(b"s2") is None and c.statements.get(b"s3") is None
+    assert key_of("select 2") not in backend.prepared and key_of("select 3") in backend.prepared
+    assert not c.owed and c._held == 0
+
+
+def test_messages_sent_after_the_servers_error_are_skipped_up_to_the_sync():
+    """The error came back before the client's Sync (it flushed): the server skips what the client sends
+    until then, so a Parse in it defines nothing, a Close drops nothing, and nothing of it is owed."""
+    c = core()
+    backend = in_transaction_with(c, b"s1", "select 1")
+    assert c.feed_client(parse(b"", "select 1/0") + bind(b"") + execute() + FLUSH, 1.0) == PROCEED
+    take(c.to_backend)
+    c.feed_backend(PARSE_DONE + BIND_DONE + error("22012"), 2.0)
+    assert messages(take(c.to_client)) == [b"1", b"2", b"E"]
+    later = parse(b"s2", "select 2") + bind(b"s2") + execute() + msg(b"C", b"Ss1\0") + FLUSH + SYNC
+    assert c.feed_client(later, 1.0) == PROCEED
+    assert take(c.to_backend) == SYNC and not c.to_client
+    c.feed_backend(ready(b"E"), 2.0)
+    assert take(c.to_client) == ready(b"E") and not c.owed
+    assert c.statements.get(b"s2") is None and c.statements.get(b"s1") is not None
+    assert key_of("select 1") in backend.prepared
+
+
+def test_a_close_the_server_skips_after_an_error_leaves_the_statement_defined():
+    for shared in (False, True):
+        pool = PoolStatements()
+        if shared:  # another client names it too: O7s answers the Close itself
+            ClientStatementsFor(pool).define(b"x", _statement("select 1"))
+        c = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=pool,
+                        client_params={"client_encoding": "UTF8"}, take_token=Tokens())
+        backend = in_transaction_with(c, b"s1", "select 1")
+        batch = parse(b"", "select 1/0") + bind(b"") + execute() + msg(b"C", b"Ss1\0") + SYNC
+        assert c.feed_client(batch, 1.0) == PROCEED
+        assert messages(take(c.to_backend)) == [b"P", b"B", b"E"] + ([] if shared else [b"C"]) + [b"S"]
+        c.feed_backend(PARSE_DONE + BIND_DONE + error("22012") + ready(b"E"), 2.0)
+        assert messages(take(c.to_client)) == [b"1", b"2", b"E", b"Z"]  # no CloseComplete
+        assert c.statements.get(b"s1") is not None and key_of("select 1") in backend.prepared
+        assert pool.refs[key_of("select 1")] == 1 + shared
+
+
+def test_a_held_parse_complete_goes_out_before_the_servers_error():
+    """The server sends the answers it holds with an error: a ParseComplete O7s holds for a message
+    before the one that failed too (here the failed one is O7s's own Parse of a statement it answered)."""
+    c = core()
+    assert c.feed_client(parse(b"s3", "select * from gone") + SYNC, 1.0) == PROCEED  # answered here
+    take(c.to_client)
+    backend = BackendState()
+    backend.prepared.add(key_of("select 1"))
+    in_transaction(c, backend)
+    assert c.feed_client(parse(b"s2", "select 1") + bind(b"s3"), 1.0) == PROCEED
+    assert messages(take(c.to_backend)) == [b"P", b"B"] and not c.to_client
+    c.feed_backend(error("42P01"), 2.0)
+    assert messages(take(c.to_client)) == [b"1", b"E"] and c._held == 0
+    assert c.feed_client(execute() + SYNC, 1.0) == PROCEED
+    assert take(c.to_backend) == SYNC
+    c.feed_backend(ready(b"E"), 2.0)
+    assert take(c.to_client) == ready(b"E") and not c.owed
+    # A relation missing now may exist later: the statement stays, as it would directly.
+    assert c.statements.get(b"s2") is not None and c.statements.get(b"s3") is not None
+
+
+def test_a_statement_answered_here_whose_text_the_server_cannot_parse_is_gone_after_its_first_use():
+    """Prepared on its own (answered here), its syntax error shows at its first Bind; after that the name
+    is undefined, as it has been all along directly."""
+    c = core()
+    assert c.feed_client(parse(b"s1", BAD) + SYNC, 1.0) == PROCEED
+    assert take(c.to_client) == PARSE_DONE + ready()
+    backend = attach(c, bind(b"s1") + execute() + SYNC)
+    assert messages(take(c.to_backend)) == [b"P", b"B", b"E", b"S"]
+    out = released(c, error("42601") + ready())
+    assert messages(out) == [b"E", b"Z"] and error_code(out) == "42601"
+    assert c.statements.get(b"s1") is None
+    attach(c, bind(b"s1") + execute() + SYNC, backend)
+    assert take(c.to_backend) == bind(b"s1") + execute() + SYNC  # the server's own 26000

@@ -6,6 +6,9 @@ A Close or DEALLOCATE reaches the server at once when the client's backend holds
 client of the pool names it (the client gets the server's own answer); else O7s answers it, and the
 statement is closed on every backend that holds it the next time that backend is attached, once no client
 names it any more.
+
+After an error the server skips the rest of the batch up to its Sync: a name whose Parse failed or was
+skipped is left undefined, and one whose Close was skipped stays defined, as PostgreSQL leaves them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from o7s_cluster.proxy.statements import (
 )
 
 MAX_NAMED_PARSE = 1 << 20        # transaction mode keeps a named statement's text to prepare it anywhere
+SYNTAX_ERROR = "42601"           # a text the server can never prepare, on any backend
 _CLOSE = ord("C")
 _STATEMENT = ord("S")
 _DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
@@ -47,6 +51,8 @@ class NamedStatements:
     to_backend: bytearray
     owed: deque[Pending]
     unsynced: bool
+    skip_until_sync: bool
+    _sync_to_backend: bool
     _cbuf: bytearray
     _lazy_sync: bool
     _held: int
@@ -56,7 +62,7 @@ class NamedStatements:
 
         def _fake(self, data: bytes, *, ready: bool = False) -> None: ...
 
-        def _hold(self, data: bytes, parse: Statement | None = None) -> None: ...
+        def _hold(self, data: bytes, parse: Statement | None = None, dropped: Statement | None = None) -> None: ...
 
     def _close_dropped(self, backend: BackendState) -> None:
         """Close on a backend just attached the statements it holds that no client names any more."""
@@ -81,7 +87,7 @@ class NamedStatements:
             self._held -= 1
             self._make_room(backend)
             self.to_backend += m.parse(statement.key, statement.parse_rest)
-            self.owed.append(Pending(Kind.PARSE, statement=statement.key))
+            self.owed.append(Pending(Kind.PARSE, statement=statement.key, parse=statement))
             backend.prepared.add(statement.key)
         else:
             self.owed.append(p)
@@ -90,7 +96,7 @@ class NamedStatements:
         if self.statements.full(name):
             raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
                               f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
-        statement = Statement(statement_key(rest), rest, may_change_state(rest))
+        statement = Statement(statement_key(rest), rest, may_change_state(rest), name)
         if statement.stateful:
             self._note_state(rest)
         self.statements.define(name, statement)
@@ -98,11 +104,11 @@ class NamedStatements:
         prepared = backend.prepared
         if key in prepared:
             prepared.touch(key)
-            self._hold(m.parse_complete())
+            self._hold(m.parse_complete(), statement)
             return
         self._make_room(backend)
         self.to_backend += m.parse(key, rest)
-        self.owed.append(Pending(Kind.PARSE, statement=key))
+        self.owed.append(Pending(Kind.PARSE, statement=key, parse=statement))
         prepared.add(key)
 
     def _prepare_on(self, backend: BackendState, statement: Statement) -> bytes:
@@ -114,7 +120,7 @@ class NamedStatements:
             return key
         self._make_room(backend)
         self.to_backend += m.parse(key, statement.parse_rest)
-        self.owed.append(Pending(Kind.PARSE, hidden=True, statement=key))
+        self.owed.append(Pending(Kind.PARSE, hidden=True, statement=key, parse=statement))
         prepared.add(key)
         return key
 
@@ -132,7 +138,7 @@ class NamedStatements:
                               f"prepared statement text too long (limit {MAX_NAMED_PARSE} bytes)")
         if self.statements.full(name):
             return False  # _parse_named refuses it with the limit's error
-        statement = Statement(statement_key(rest), rest, may_change_state(rest))
+        statement = Statement(statement_key(rest), rest, may_change_state(rest), name)
         if statement.stateful:
             self._note_state(rest)
         self.statements.define(name, statement)
@@ -164,13 +170,13 @@ class NamedStatements:
             if key is not None:
                 self.unsynced = True
                 self.to_backend += m.close_statement(key)
-                self.owed.append(owed.CLOSE)
+                self.owed.append(Pending(Kind.CLOSE, dropped=statement))
                 return True
             if self.backend is None:
                 self._lazy_sync = True  # its Sync needs no backend either
             else:
                 self.unsynced = True
-            self._hold(m.close_complete())
+            self._hold(m.close_complete(), dropped=statement)
             return True
         if not _DEALLOCATE_START.match(buf, s + 5, e):
             return False
@@ -193,3 +199,32 @@ class NamedStatements:
             return True
         self._fake(m.command_complete("DEALLOCATE"), ready=True)
         return True
+
+    def _skip_batch(self, error: bytes) -> None:
+        """The server answered the message at the front with an error (`error`: its payload) and skips the
+        rest of the batch up to its Sync: so do the answers owed, and what those messages did to the
+        client's names is undone. A Sync not sent yet: the client's messages up to it are skipped here."""
+        owed_ = self.owed
+        backend = self.backend
+        statements = self.statements
+        failed = True  # the front: the message the server refused; the rest it skips
+        while owed_ and owed_[0].kind is not Kind.SYNC:
+            p = owed_.popleft()
+            if p.kind is Kind.FAKE and not p.due:
+                self._held -= 1
+            if p.kind is Kind.PARSE and p.statement and backend is not None:
+                backend.prepared.forget(p.statement)
+            statement = p.parse
+            if statement is not None:
+                # O7s's own Parse of the client's statement (where it is first used) defines no name; if
+                # its text is not even valid, the statement is gone as it would have been directly.
+                if not p.hidden or (failed and m.parse_error_fields(error).get("C") == SYNTAX_ERROR):
+                    statements.undefine(statement)
+            elif p.dropped is not None:
+                statements.restore(p.dropped)
+                if p.kind is Kind.CLOSE and backend is not None:
+                    backend.prepared.add(p.dropped.key)  # the server did not close it
+            failed = False
+        if not owed_ and self.unsynced:
+            self.skip_until_sync = True
+            self._sync_to_backend = True

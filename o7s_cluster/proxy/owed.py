@@ -30,10 +30,11 @@ class Kind(IntEnum):
 class Pending:
     """One response owed. `hidden`: the backend's answer to a message O7s sent of its own accord."""
 
-    __slots__ = ("kind", "hidden", "started", "statement", "reply", "ready", "due", "parse")
+    __slots__ = ("kind", "hidden", "started", "statement", "reply", "ready", "due", "parse", "dropped")
 
     def __init__(self, kind: Kind, *, hidden: bool = False, started: float = 0.0, statement: bytes = b"",
-                 reply: bytes = b"", ready: bool = False, due: bool = True, parse: Statement | None = None) -> None:
+                 reply: bytes = b"", ready: bool = False, due: bool = True, parse: Statement | None = None,
+                 dropped: Statement | None = None) -> None:
         self.kind = kind
         self.hidden = hidden
         self.started = started      # when the client's message was forwarded (EXECUTE, SYNC, QUERY)
@@ -41,10 +42,14 @@ class Pending:
         self.reply = reply          # FAKE: what to send
         self.ready = ready          # FAKE: followed by ReadyForQuery with the session's status
         # FAKE: False while it is held as the server holds its answers to extended-protocol messages (until
-        # the client's Flush or Sync, an error, or an answer after it); `parse`: the client's statement whose
-        # ParseComplete it is, to be replaced by the server's own answer if the batch reaches a backend first.
+        # the client's Flush or Sync, an error, or an answer after it).
         self.due = due
+        # PARSE, or FAKE of a ParseComplete: the client's statement it defines, undefined again if the server
+        # refuses or skips that Parse (a held answer is replaced by the server's own if the batch reaches a
+        # backend first). CLOSE, or FAKE of a CloseComplete: the client's statement it drops, defined again
+        # if the server skips the Close.
         self.parse = parse
+        self.dropped = dropped
 
     def __repr__(self) -> str:
         return f"<Pending {self.kind.name}{' hidden' if self.hidden else ''}>"

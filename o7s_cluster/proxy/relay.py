@@ -33,7 +33,6 @@ _I32 = struct.Struct("!i")
 _K_DESCRIBE = Kind.DESCRIBE
 _K_EXECUTE = Kind.EXECUTE
 _K_FAKE = Kind.FAKE
-_K_PARSE = Kind.PARSE
 _K_QUERY = Kind.QUERY
 _K_READBACK = Kind.READBACK
 _K_SYNC = Kind.SYNC
@@ -187,6 +186,12 @@ class BackendRelay:
             elif t == _ERROR:
                 if buf[pos + 5:pos + 11] in _FATAL_SEVERITY:
                     self.backend_fatal = True
+                if owed_ and owed_[0].kind is _K_FAKE:
+                    # The server flushes what it holds with an error: so does O7s (they answer messages
+                    # before the one that failed, even when that one is O7s's own).
+                    out += buf[seg:pos]
+                    seg = pos
+                    self._after_pop(out, force=True)
                 # Errors always reach the client, even one answering a statement O7s prepared for it
                 # (a lazily prepared statement's syntax error shows at its first use).
                 if owed_:
@@ -196,11 +201,7 @@ class BackendRelay:
                     elif front.kind is not _K_SYNC:
                         if front.kind is _K_EXECUTE:
                             self.counters.query_done(now - front.started, 0, False)
-                        # The server skips everything up to the next Sync; so do the answers owed.
-                        while owed_ and owed_[0].kind is not _K_SYNC:
-                            p = owed_.popleft()
-                            if p.kind is _K_PARSE and p.statement and self.backend is not None:
-                                self.backend.prepared.forget(p.statement)
+                        self._skip_batch(bytes(buf[pos + 5:stop]))
                         popped = True
             elif t == _PARAMETER:
                 name, value = m.parse_parameter_status(bytes(buf[pos + 5:stop]))
@@ -238,6 +239,8 @@ class BackendRelay:
     if TYPE_CHECKING:
         def _listen_in_order(self, op: ListenOp, out: bytearray) -> None: ...  # the core's (proxy.listen)
 
+        def _skip_batch(self, error: bytes) -> None: ...  # the core's (proxy.named)
+
     def _fake(self, data: bytes, *, ready: bool = False) -> None:
         """Answer the client ourselves, after every response still owed to it. An error or ReadyForQuery:
         the server sends everything it holds with it, so do the answers O7s holds."""
@@ -249,11 +252,11 @@ class BackendRelay:
             if ready:
                 self.to_client += m.ready_for_query(self.tx_status)
 
-    def _hold(self, data: bytes, parse: Statement | None = None) -> None:
+    def _hold(self, data: bytes, parse: Statement | None = None, dropped: Statement | None = None) -> None:
         """Answer an extended-protocol message ourselves as the server would: its answer waits in the queue
         until the client's Flush or Sync (or until the server answers something after it), so that a
         pipelining client reads it when it would read the server's (libpq decides what to send next by it)."""
-        self.owed.append(Pending(_K_FAKE, reply=data, due=False, parse=parse))
+        self.owed.append(Pending(_K_FAKE, reply=data, due=False, parse=parse, dropped=dropped))
         self._held += 1
 
     def _due(self) -> None:

@@ -203,8 +203,9 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         (the message stays at the front and is handled again on `resume`)."""
         if t == _TERMINATE:
             return TERMINATE
-        if self.skip_until_sync:
+        if self.skip_until_sync:  # after an error, O7s's or the server's
             if t != _SYNC:
+                self._granted = False
                 return PROCEED
             self.skip_until_sync = False
             if not self._sync_to_backend:

@@ -22,15 +22,17 @@ def statement_key(parse_rest: bytes) -> bytes:
 
 
 class Statement:
-    """One client-named statement: its server-side name, its Parse body, and whether running it may
-    change session state (then the session's state is read back after it)."""
+    """One client-named statement: its server-side name, its Parse body, whether running it may change
+    session state (then the session's state is read back after it), and the client's name for it (to
+    leave that name as PostgreSQL does when the server refuses or skips the Parse or a Close of it)."""
 
-    __slots__ = ("key", "parse_rest", "stateful")
+    __slots__ = ("key", "parse_rest", "stateful", "name")
 
-    def __init__(self, key: bytes, parse_rest: bytes, stateful: bool) -> None:
+    def __init__(self, key: bytes, parse_rest: bytes, stateful: bool, name: bytes = b"") -> None:
         self.key = key
         self.parse_rest = parse_rest
         self.stateful = stateful
+        self.name = name
 
 
 class PoolStatements:
@@ -139,6 +141,18 @@ class ClientStatements:
             return False
         self.pool.release(statement.key)
         return True
+
+    def undefine(self, statement: Statement) -> None:
+        """The server refused or skipped the Parse that defined it: PostgreSQL leaves the name undefined
+        (unless the client has named another statement so since)."""
+        if self.by_name.get(statement.name) is statement:
+            self.drop(statement.name)
+
+    def restore(self, statement: Statement) -> None:
+        """The server skipped the Close that dropped it: PostgreSQL still has it (unless the client has
+        used the name again since)."""
+        if statement.name not in self.by_name:
+            self.define(statement.name, statement)
 
     def drop_all(self) -> None:
         for statement in self.by_name.values():
