@@ -383,9 +383,11 @@ def base_versions() -> dict:
                 break
     except OSError:
         pass
-    git = cmd(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"])
+    # safe.directory: the benchmark runs as a user that does not own the checkout
+    repo = ["git", "-c", f"safe.directory={HERE.parent}", "-C", str(HERE.parent)]
+    git = cmd([*repo, "log", "-1", "--format=%h %s"])
     try:
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "o7s_cluster"],
+        dirty = subprocess.run([*repo, "status", "--porcelain", "--", "o7s_cluster"],
                                capture_output=True, text=True, timeout=20).stdout.strip()
     except Exception:  # noqa: BLE001
         dirty = ""

@@ -4,6 +4,8 @@ named statements after an error."""
 
 from __future__ import annotations
 
+import pytest
+
 from test_proxy_session import (BIND_DONE, CLOSE_DONE, PARSE_DONE, SYNC, Counters, attach, bind, complete, error,
                                 execute, messages, msg, parse, query, ready, take)
 
@@ -218,6 +220,26 @@ def test_deallocate_in_a_transaction_goes_to_the_server_under_its_name():
     assert take(c.to_backend) == query(f'DEALLOCATE "{key.decode()}"')
     c.feed_backend(complete("DEALLOCATE") + ready(b"T"), 2.0)
     assert take(c.to_client) == complete("DEALLOCATE") + ready(b"T") and key not in backend.prepared
+
+
+@pytest.mark.parametrize("sql", ["deallocate s1", "  \n\tDeAllocate PREPARE s1;", "\fDEALLOCATE \"s1\" "])
+def test_deallocate_is_taken_however_it_is_spelled(sql):
+    """The first-byte pre-check must let every spelling the pattern accepts through."""
+    c = core()
+    backend = in_transaction_with(c, b"s1", "select 1")
+    key = statement_key(b"select 1\0\0\0")
+    c.feed_client(query(sql), 1.0)
+    assert take(c.to_backend) == query(f'DEALLOCATE "{key.decode()}"')
+    c.feed_backend(complete("DEALLOCATE") + ready(b"T"), 2.0)
+    assert key not in backend.prepared
+
+
+@pytest.mark.parametrize("sql", ["select 'deallocate s1'", "xdeallocate s1", "deallocated"])
+def test_a_query_that_is_not_a_deallocate_goes_through_as_it_is(sql):
+    c = core()
+    in_transaction_with(c, b"s1", "select 1")
+    c.feed_client(query(sql), 1.0)
+    assert take(c.to_backend) == query(sql)
 
 
 def test_a_statement_another_client_names_stays_and_the_close_is_answered_here():

@@ -38,6 +38,7 @@ SYNTAX_ERROR = "42601"           # a text the server can never prepare, on any b
 _CLOSE = ord("C")
 _STATEMENT = ord("S")
 _DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
+_DEALLOCATE_FIRST = frozenset(b"dD \t\n\r\f\v")  # the bytes `_DEALLOCATE_START` can start at: most Queries stop here
 _DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*\Z",
                          re.IGNORECASE)
 
@@ -178,7 +179,7 @@ class NamedStatements:
                 self.unsynced = True
             self._hold(m.close_complete(), dropped=statement)
             return True
-        if not _DEALLOCATE_START.match(buf, s + 5, e):
+        if s + 5 >= e or buf[s + 5] not in _DEALLOCATE_FIRST or not _DEALLOCATE_START.match(buf, s + 5, e):
             return False
         match = _DEALLOCATE.match(buf, s + 5, e - 1)
         if not match:
