@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from datetime import datetime, timezone
 
+import psycopg
 import pytest
 import trio
 
 from mongo_wire import FakeMongo
 from o7s_cluster.config import Settings
 from o7s_cluster.usage.sinks.mongo import MongoSink, to_document
+from o7s_cluster.usage.sinks.postgres import PostgresSink
 from o7s_cluster.usage.records import UsageRecord
 from o7s_cluster.usage.recorder import UsageRecorder
 from o7s_cluster.usage.sinks.base import make_sinks
@@ -168,6 +171,61 @@ async def test_down_then_up_with_two_sinks(mongo, tmp_path):
     docs = mongo.docs()
     assert sum(d["queryCount"] for d in docs) == 40 and len(docs) == len({d["_id"] for d in docs})
     assert {d["_id"] for d in docs} == set(other.by_id)
+    r.close()
+
+
+def _pg_usage(dsn: str, worker: str) -> dict[str, int]:
+    """record id -> query count of one recorder's rows in platform.usage_metrics."""
+    with psycopg.connect(dsn) as conn:
+        return {r[0]: r[1] for r in conn.execute(
+            "SELECT id::text, query_count FROM platform.usage_metrics WHERE worker = %s", (worker,))}
+
+
+async def test_mongo_down_never_holds_postgres_back(mongo, migrated, platform_dsn, tmp_path):
+    """MongoDB down: every window still reaches Postgres promptly, each sink going at its own pace; MongoDB
+    back: it gets every record once; the spool is acknowledged only once both have them. (CI: billing
+    stalled behind a down MongoDB, Postgres never got the second window.)"""
+    fake = wire_only(mongo)
+    worker = f"m0-t{secrets.token_hex(3)}"  # its rows in the shared control plane
+    pg = PostgresSink(platform_dsn)
+    mg = mongo.sink(timeout_ms=1000)  # each try waits its server selection timeout, as in production
+    window = 0.2
+    r = UsageRecorder(Settings(spool_dir=str(tmp_path / "spool"), usage_sink_postgres=False, usage_window=window),
+                      worker=worker, sinks=[pg, mg], backoff_initial=0.05, backoff_max=0.3)
+    c = r.counters(str(uuid.uuid4()), "acme", "postgres")
+    fake.stop()
+    windows, per_window = 4, 5
+    async with trio.open_nursery() as n:
+        await n.start(r.run)
+        for _ in range(windows):
+            closed = r.windows_closed
+            for _ in range(per_window):
+                c.query_done(0.001, 1, True)
+            with trio.fail_after(5):
+                while r.windows_closed == closed:
+                    await trio.sleep(0.01)
+        want = windows * per_window
+        with trio.fail_after(4):  # a window or so each: never a MongoDB timeout per window
+            while sum(_pg_usage(platform_dsn, worker).values()) < want:
+                await trio.sleep(0.05)
+        in_pg = _pg_usage(platform_dsn, worker)
+        assert len(in_pg) >= windows and sum(in_pg.values()) == want
+        with trio.fail_after(5):  # Postgres may have it all before MongoDB's first try has timed out
+            while not r.sink_status()[1]["failures"]:
+                await trio.sleep(0.05)
+        assert not fake.docs()
+        # nothing is acknowledged while MongoDB lacks it: the spool keeps every record
+        assert r.shipped == 0 and r.pending == len(in_pg)
+        assert r.spool_bytes == r._spool.total_bytes() > 0
+        await trio.to_thread.run_sync(fake.start)  # same port, same (empty) data
+        with trio.fail_after(20):
+            while r.pending:
+                await trio.sleep(0.05)
+        n.cancel_scope.cancel()
+    docs = mongo.docs()
+    assert len(docs) == len({d["_id"] for d in docs}) == len(in_pg)  # each record once
+    assert {d["_id"]: d["queryCount"] for d in docs} == in_pg == _pg_usage(platform_dsn, worker)
+    assert r.shipped == len(in_pg) and not list(r._spool.path.glob("seg-*"))  # acked: segments gone
     r.close()
 
 

@@ -233,7 +233,7 @@ async def test_partial_ack_survives_restart(tmp_path):
     from o7s_cluster.usage.recorder import _SinkState
 
     rec._sinks = [_SinkState(sink)]
-    assert await rec._ship_once(rec._spool, own=True)  # one frame shipped and acked
+    assert await rec._ship_sink(rec._own, 0)  # one frame shipped and acked
     rec.close()
     assert sink.sends == 1
     sink2 = MemorySink()
@@ -312,6 +312,49 @@ async def test_orphan_spool_is_adopted_by_another_worker(tmp_path):
     assert await live.ship_now() == 1
     assert sink.total("queries") == 1
     live.close()
+
+
+async def test_orphan_with_one_sink_down_reaches_the_other_now_and_the_first_later(tmp_path):
+    dead = recorder(tmp_path, sinks=[MemorySink(), MemorySink()], worker="m0-w9")
+    dead.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+    await dead.flush()
+    dead.close()
+    up, down = MemorySink(), MemorySink()
+    down.down = True
+    live = recorder(tmp_path, sinks=[up, down], worker="m0-w1", backoff_initial=0.01, backoff_max=0.01)
+    assert await live.ship_now() == 0  # not in every sink: not acknowledged, the orphan keeps it
+    assert len(up.by_id) == 1 and down.failures == 1
+    assert list((live.spool_root / "m0-w9").glob("seg-*.spool"))
+    down.down = False
+    await trio.sleep(0.05)  # its backoff
+    assert await live.ship_now() == 1
+    assert set(down.by_id) == set(up.by_id) and len(down.by_id) == 1
+    assert not list((live.spool_root / "m0-w9").glob("seg-*"))
+    live.close()
+
+
+async def test_a_new_segment_never_reuses_a_shipped_ones_name(tmp_path):
+    """A sink's position outlives the segment it points into: a spool shipped empty starts its next segment
+    under a new number, or the position would skip the start of the new data."""
+    sink = MemorySink()
+    rec = recorder(tmp_path, sinks=[sink])
+    names = set()
+    for _ in range(3):
+        rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+        await rec.flush()
+        names |= {p.name for p in rec._spool.path.glob("seg-*.spool")}
+        assert await rec.ship_now() == 1
+        assert not list(rec._spool.path.glob("seg-*"))
+    assert len(names) == 3 and len(sink.by_id) == 3 and rec.pending == 0
+    rec.close()
+
+
+async def test_no_sink_discards_what_is_spooled(tmp_path):
+    rec = recorder(tmp_path, sinks=[])
+    rec.counters("o1", "acme", "postgres").query_done(0.001, 1, True)
+    await rec.flush()
+    assert await rec.ship_now() == 1 and rec.pending == 0 and not list(rec._spool.path.glob("seg-*"))
+    rec.close()
 
 
 async def test_two_live_recorders_never_share_a_directory(tmp_path):

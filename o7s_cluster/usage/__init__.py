@@ -5,9 +5,9 @@ The session hot path only adds to plain attributes of an `OrgCounters` object it
 cumulative: `UsageRecorder.run()` closes a window every `usage_window` seconds (aligned to the wall
 clock), turns what every counters object gained since the last window into a `UsageRecord`, appends the
 batch to the spool (msgpack, fsynced in a worker thread) and only then counts it as taken. A shipper
-task sends spooled records to the sinks (Postgres `platform.usage_metrics`, MongoDB `usageHistory`) in
-batches and acknowledges them in the spool only when every sink has them; a sink that is down is retried
-with backoff while the spool holds the data. Record ids are fixed when a record is made, so a batch sent
+task per sink sends spooled records to it (Postgres `platform.usage_metrics`, MongoDB `usageHistory`) in
+batches from that sink's own position, so a sink that is down (retried with backoff) never holds back the
+others; the spool is acknowledged only up to what every sink has, and holds the rest. Record ids are fixed when a record is made, so a batch sent
 twice (a retry, a replay after a crash) is a no-op in every sink.
 
 Modules:

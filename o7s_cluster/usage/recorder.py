@@ -2,8 +2,9 @@
 
 `run()` closes a window every `usage_window` seconds (aligned to the wall clock), turns every non-idle
 counters object into a `UsageRecord`, appends the batch to the spool and only then counts it as taken. A
-shipper task sends spooled records to the sinks in batches and acknowledges them in the spool only when
-every sink has them; a sink that is down is retried with backoff while the spool holds the data.
+shipper task per sink sends spooled records to its sink in batches from that sink's own position, so a sink
+that is down (retried with backoff) never holds back the others; the spool is acknowledged up to the slowest
+sink's position, so it holds whatever some sink still lacks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import random
 import secrets
 import tempfile
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,12 +30,14 @@ from o7s_cluster.usage.audit import RATE_REFUSED, AuditBuffer
 from o7s_cluster.usage.counters import CounterBook, OrgCounters
 from o7s_cluster.usage.records import AnyRecord, AuditRecord, UsageRecord, estimate, record_id
 from o7s_cluster.usage.sinks.base import Sink, make_sinks, sink_keys, sink_namespace
-from o7s_cluster.usage.spool import Segment, SpoolDir, encode_frame
+from o7s_cluster.usage.spool import START, Position, Segment, SpoolDir, encode_frame
 
 log = logging.getLogger("o7s.usage")
 
 _ORG_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 MAX_AUTH_NAMES = 1000  # distinct failed-login names kept per window; the rest are summed under "*"
+IDLE_POLL_MAX = 5.0  # seconds: a shipper with nothing to do looks again this often at most (writes wake it)
+ADOPT_EVERY = 60.0  # seconds (at least 6 windows) between looks for orphaned spool directories
 
 
 @dataclass
@@ -42,6 +46,45 @@ class _SinkState:
     failures: int = 0
     next_try: float = 0.0  # trio clock
     last_error: str | None = None
+
+
+Lane = int | None  # a sink's index in the recorder's sinks; None: no sink configured (records are discarded)
+
+
+class _Cursor:
+    """Where each sink is in one spool directory. In memory only: after a restart every sink starts again
+    from the acknowledgement on disk (a record sent twice is a no-op in every sink)."""
+
+    def __init__(self, spool: SpoolDir, sinks: int, *, own: bool) -> None:
+        self.spool = spool
+        self.own = own  # the worker's own directory (its pending count and lag), not an adopted orphan
+        self.lanes: list[Lane] = list(range(sinks)) or [None]
+        self.at: dict[Lane, Position] = dict.fromkeys(self.lanes, START)
+        self.locks = {lane: trio.Lock() for lane in self.lanes}  # one batch in flight per sink
+        self.acked: Position = START
+        self.read_to: Position = START  # end of the newest frame any sink has read
+        # frames some sink has read and not every sink has: (end, records, newest period end), oldest first
+        self.frames: deque[tuple[Position, int, float]] = deque()
+
+    def note(self, batch: list[tuple[Segment, int, list[AnyRecord]]]) -> None:
+        for seg, end, recs in batch:
+            pos = (seg.number, end)
+            if pos > self.read_to:
+                newest = max((r.period_end.timestamp() for r in recs), default=0.0)
+                self.frames.append((pos, len(recs), newest))
+                self.read_to = pos
+
+    def everyone(self) -> Position:
+        """How far every sink has been sent (with no sink: whatever was read, to discard)."""
+        return self.read_to if self.lanes == [None] else min(self.at.values())
+
+    def take(self, upto: Position) -> tuple[int, float | None]:
+        """Forget the frames before `upto`: (how many records, the newest period end among them)."""
+        n, newest = 0, None
+        while self.frames and self.frames[0][0] <= upto:
+            _pos, k, newest = self.frames.popleft()
+            n += k
+        return n, newest
 
 
 class UsageRecorder:
@@ -75,8 +118,9 @@ class UsageRecorder:
         self._window_start = time.time()
         self._unwritten: list[AnyRecord] = []  # closed but not yet in the spool (spool full or failing)
         self._spool: SpoolDir | None = None
+        self._own: _Cursor | None = None  # each sink's position in self._spool
         self._write_lock = trio.Lock()
-        self._wake = trio.Event()
+        self._wake = trio.Event()  # set (and replaced) by every spool write: wakes every sink's shipper
         # metrics
         self.spool_bytes = 0  # bytes in this worker's spool (written, shipped or not)
         self.pending = 0  # records closed but not yet in every sink
@@ -236,6 +280,7 @@ class UsageRecorder:
             return own
 
         self._spool = await trio.to_thread.run_sync(open_)
+        self._own = _Cursor(self._spool, len(self._sinks), own=True)
         replay = self._spool.pending_bytes()
         if replay:
             frames = await trio.to_thread.run_sync(self._spool.read_pending, 1 << 62)
@@ -300,6 +345,7 @@ class UsageRecorder:
                 self._oldest_unshipped = min(r.period_end for r in batch).timestamp()
             self._refresh_metrics()
             self._wake.set()
+            self._wake = trio.Event()
 
     def _spool_full(self, batch: list[AnyRecord]) -> None:
         if not self.spool_full:
@@ -334,71 +380,77 @@ class UsageRecorder:
                     await trio.sleep(0.02)
 
     # ---------------------------------------------------------------------------- shipping
-    async def _ship_once(self, spool: SpoolDir, *, own: bool) -> bool:
-        """Ship one batch from `spool`; True if something was shipped, False if nothing to do or sinks down."""
-        batch = await trio.to_thread.run_sync(spool.read_pending, self.batch_records)
-        if not batch:
-            return False
-        records = [r for _seg, _end, recs in batch for r in recs]
-        if not self._sinks:
-            ok = True
-        else:
-            ok = await self._send_all(records)
-        if not ok:
-            return False
-
-        def ack() -> None:
-            # acknowledge per segment, up to the end of the last frame shipped from it
-            last: dict[int, tuple[Segment, int]] = {}
-            for seg, end, _recs in batch:
-                last[id(seg)] = (seg, end)
-            for seg, end in last.values():
-                spool.ack(seg, end)
-
-        async with self._write_lock:  # ack may rotate the segment the writer appends to
-            await trio.to_thread.run_sync(ack)
-        if own:
-            self._pending_spooled = max(0, self._pending_spooled - len(records))
-        self.shipped += len(records)
-        self.last_ship_time = time.time()
-        if own:  # what is left is newer than what was just shipped
-            self._oldest_unshipped = max(r.period_end for r in records).timestamp()
-        self._refresh_metrics()
+    async def _ship_sink(self, cur: _Cursor, lane: Lane) -> bool:
+        """Send one sink the next batch after its own position in `cur`'s spool; True if it took one (False:
+        nothing new for it, or it is backing off or just failed). The others never wait for it."""
+        async with cur.locks[lane]:
+            st = None if lane is None else self._sinks[lane]
+            if st is not None and st.next_try > trio.current_time():
+                return False
+            after = cur.acked if lane is None else cur.at[lane]
+            batch = await trio.to_thread.run_sync(cur.spool.read_after, after, self.batch_records)
+            if not batch:
+                return False
+            cur.note(batch)
+            if st is not None:
+                if not await self._send(st, [r for _seg, _end, recs in batch for r in recs]):
+                    return False
+                seg, end, _recs = batch[-1]
+                cur.at[lane] = max(cur.at[lane], (seg.number, end))
+        await self._ack(cur)
         return True
 
-    async def _send_all(self, records: list[AnyRecord]) -> bool:
-        """Send to every sink not yet done with this batch; retried with backoff until all have it."""
-        done: set[int] = set()
-        while True:
-            now = trio.current_time()
-            for i, st in enumerate(self._sinks):
-                if i in done or st.next_try > now:
-                    continue
-                try:
-                    await st.sink.send(records)
-                except Exception as e:  # noqa: BLE001 - any failure: keep the data, retry later
-                    st.failures += 1
-                    delay = min(self.backoff_max, self.backoff_initial * 2 ** min(st.failures - 1, 16))
-                    delay *= random.uniform(0.8, 1.2)
-                    st.next_try = trio.current_time() + delay
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    if st.failures == 1 or msg != st.last_error or st.failures % 10 == 0:
-                        log.warning("usage sink %s: %s; retrying in %.1fs (%d records waiting)",
-                                    st.sink.name, msg, delay, self.pending,
-                                    extra={"worker": self.worker, "sink": st.sink.name, "failures": st.failures})
-                    st.last_error = msg
-                    continue
-                if st.failures:
-                    log.info("usage sink %s: back after %d failures", st.sink.name, st.failures,
-                             extra={"worker": self.worker, "sink": st.sink.name})
-                st.failures = 0
-                st.last_error = None
-                st.next_try = 0.0
-                done.add(i)
-            if len(done) == len(self._sinks):
-                return True
-            wait = min(st.next_try for i, st in enumerate(self._sinks) if i not in done) - trio.current_time()
-            await trio.sleep(max(0.01, wait))
+    async def _ack(self, cur: _Cursor) -> None:
+        """Acknowledge in the spool what every sink has (up to the slowest one); only that counts as shipped."""
+        upto = cur.everyone()
+        if upto <= cur.acked:
+            return
+        cur.acked = upto
+        n, newest = cur.take(upto)
+        async with self._write_lock:  # ack may rotate the segment the writer appends to
+            await trio.to_thread.run_sync(cur.spool.ack_to, upto)
+        if cur.own:
+            self._pending_spooled = max(0, self._pending_spooled - n)
+            if newest is not None:  # what is left is newer than what was just shipped
+                self._oldest_unshipped = newest
+        self.shipped += n
+        self.last_ship_time = time.time()
+        self._refresh_metrics()
+
+    async def _send(self, st: _SinkState, records: list[AnyRecord]) -> bool:
+        """One try; a failure sets the sink's backoff (logged at the first failure, when the error changes and
+        every tenth time) and the data stays in the spool."""
+        try:
+            await st.sink.send(records)
+        except Exception as e:  # noqa: BLE001 - any failure: keep the data, retry later
+            st.failures += 1
+            delay = min(self.backoff_max, self.backoff_initial * 2 ** min(st.failures - 1, 16))
+            delay *= random.uniform(0.8, 1.2)
+            st.next_try = trio.current_time() + delay
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if st.failures == 1 or msg != st.last_error or st.failures % 10 == 0:
+                log.warning("usage sink %s: %s; retrying in %.1fs (%d records waiting)",
+                            st.sink.name, msg, delay, self.pending,
+                            extra={"worker": self.worker, "sink": st.sink.name, "failures": st.failures})
+            st.last_error = msg
+            return False
+        if st.failures:
+            log.info("usage sink %s: back after %d failures", st.sink.name, st.failures,
+                     extra={"worker": self.worker, "sink": st.sink.name})
+        st.failures = 0
+        st.last_error = None
+        st.next_try = 0.0
+        return True
+
+    async def _drain(self, cur: _Cursor) -> None:
+        """Every sink, side by side, until each has all of `cur`'s spool or is failing (left to its backoff)."""
+        async def lane_(lane: Lane) -> None:
+            while await self._ship_sink(cur, lane):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for lane in cur.lanes:
+                nursery.start_soon(lane_, lane)
 
     async def _adopt_orphans(self) -> None:
         """Drain spool directories of workers that died and were not restarted under the same id."""
@@ -415,8 +467,9 @@ class UsageRecorder:
                 if orphan.pending_bytes():
                     log.info("usage spool: adopting %s (%d bytes)", d.name, orphan.pending_bytes(),
                              extra={"worker": self.worker})
-                while await self._ship_once(orphan, own=False):
-                    pass
+                # positions last as long as the lock: a sink still down gets it at a later adoption, and the
+                # others are sent the unacknowledged part again then (a no-op for them)
+                await self._drain(_Cursor(orphan, len(self._sinks), own=False))
                 await trio.to_thread.run_sync(orphan.drop_finished)
             finally:
                 orphan.release()
@@ -425,19 +478,38 @@ class UsageRecorder:
                     f.unlink(missing_ok=True)
                 d.rmdir()
 
-    async def _shipper(self) -> None:
-        assert self._spool is not None
-        last_adopt = -math.inf
+    @property
+    def _idle_poll(self) -> float:
+        return min(IDLE_POLL_MAX, max(1.0, self.window))
+
+    async def _lane(self, lane: Lane) -> None:
+        """Ship the worker's own spool to one sink, at that sink's pace: woken by every spool write, and when
+        its backoff is over."""
+        cur = self._own
+        assert cur is not None
         while True:
-            self._wake = trio.Event()  # a write from here on wakes the wait below
-            while await self._ship_once(self._spool, own=True):
+            wake = self._wake  # a write from here on sets it
+            while await self._ship_sink(cur, lane):
                 pass
-            if trio.current_time() - last_adopt > max(60.0, self.window * 6):
-                last_adopt = trio.current_time()
-                await self._adopt_orphans()
-            self._refresh_metrics()  # the lag grows while nothing happens
-            with trio.move_on_after(min(5.0, max(1.0, self.window))):
-                await self._wake.wait()
+            wait = self._idle_poll
+            backoff = 0.0 if lane is None else self._sinks[lane].next_try - trio.current_time()
+            if backoff > 0:  # it failed: try again when its backoff is over, even with nothing new
+                wait = min(wait, backoff)
+            with trio.move_on_after(max(0.01, wait)):
+                await wake.wait()
+
+    async def _shipper(self) -> None:
+        assert self._own is not None
+        async with trio.open_nursery() as nursery:
+            for lane in self._own.lanes:
+                nursery.start_soon(self._lane, lane)
+            last_adopt = -math.inf
+            while True:
+                if trio.current_time() - last_adopt > max(ADOPT_EVERY, self.window * 6):
+                    last_adopt = trio.current_time()
+                    await self._adopt_orphans()
+                self._refresh_metrics()  # the lag grows while nothing happens
+                await trio.sleep(self._idle_poll)
 
     async def _closer(self) -> None:
         while True:
@@ -469,13 +541,13 @@ class UsageRecorder:
                         pass
 
     async def ship_now(self) -> int:
-        """Ship everything spooled (own and orphaned directories) now; returns how many records were shipped."""
+        """Ship everything spooled (own and orphaned directories) now; returns how many records every sink
+        has now that it lacked (a sink that fails is left to its backoff, not waited for)."""
         if self._spool is None:
             await self._open_spool()
         before = self.shipped
-        assert self._spool is not None
-        while await self._ship_once(self._spool, own=True):
-            pass
+        assert self._own is not None
+        await self._drain(self._own)
         await self._adopt_orphans()
         return self.shipped - before
 
@@ -484,6 +556,7 @@ class UsageRecorder:
         if self._spool is not None:
             self._spool.release()
             self._spool = None
+            self._own = None
 
     def sink_status(self) -> list[dict[str, Any]]:
         return [{"sink": st.sink.name, "failures": st.failures, "last_error": st.last_error}

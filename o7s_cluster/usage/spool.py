@@ -8,6 +8,10 @@ A segment is deleted once it is no longer written to and fully acknowledged. A t
 mid-write, never fsynced, so never counted as taken) is ignored. Directories whose lock is free (a worker
 that died and was not restarted under the same id) are adopted and drained by any live recorder.
 
+Each sink reads from its own `Position` (kept in memory by the recorder: `read_after`), so a sink that is
+down never holds back the others; the acknowledgement on disk (`ack_to`) is the slowest sink's position.
+Segment numbers only grow within a process, so a position never points into a later, reused name.
+
 Every method here blocks: the recorder calls them through `trio.to_thread`.
 """
 
@@ -19,7 +23,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -32,6 +36,9 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(list[AnyRecord])
 _LEGACY = msgspec.msgpack.Decoder(list[UsageRecord])  # frames spooled before records were tagged
 _HEADER = struct.Struct("<II")
+
+Position = tuple[int, int]  # (segment number, byte offset): everything before it has been read/sent
+START: Position = (0, 0)  # before every segment (numbers start at 1)
 
 
 def _decode(body: bytes) -> list[AnyRecord]:
@@ -80,11 +87,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _number(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
 @dataclass
 class Segment:
     path: Path
     acked: int  # bytes shipped
     size: int  # bytes durably written (fsynced) as far as this process knows
+    number: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.number = _number(self.path)
 
 
 class SpoolDir:
@@ -97,6 +112,7 @@ class SpoolDir:
         self.segments: list[Segment] = []
         self.current: Segment | None = None
         self._fd: int | None = None
+        self._last_number = 0  # highest segment number this process has seen: names are never reused
 
     # -- locking
     def try_lock(self) -> bool:
@@ -122,7 +138,7 @@ class SpoolDir:
     def load(self) -> None:
         """Find the segments a previous incarnation left, with their shipped offsets."""
         self.segments = []
-        for p in sorted(self.path.glob("seg-*.spool"), key=lambda p: int(p.stem.split("-")[1])):
+        for p in sorted(self.path.glob("seg-*.spool"), key=_number):
             acked = 0
             ack = p.with_suffix(".ack")
             try:
@@ -130,6 +146,7 @@ class SpoolDir:
             except (OSError, ValueError):
                 acked = 0
             self.segments.append(Segment(p, acked, p.stat().st_size))
+        self._last_number = max([self._last_number, *(s.number for s in self.segments)])
 
     def pending_bytes(self) -> int:
         return sum(max(0, s.size - s.acked) for s in self.segments)
@@ -139,8 +156,10 @@ class SpoolDir:
 
     # -- writing
     def _next_path(self) -> Path:
-        last = max((int(s.path.stem.split("-")[1]) for s in self.segments), default=0)
-        return self.path / f"seg-{last + 1:012d}.spool"
+        # past every number seen, not just the segments left: a sink's in-memory position may still name a
+        # deleted segment, and must never point into a new one of the same name
+        self._last_number = max([self._last_number, *(s.number for s in self.segments)]) + 1
+        return self.path / f"seg-{self._last_number:012d}.spool"
 
     def append(self, frame: bytes) -> None:
         """Append one frame and fsync it (a new segment is started when the current one is big enough)."""
@@ -169,31 +188,50 @@ class SpoolDir:
     # -- shipping
     def read_pending(self, max_records: int) -> list[tuple[Segment, int, list[AnyRecord]]]:
         """Frames not yet acknowledged, oldest first: (segment, end offset, records), about max_records."""
+        return self.read_after(START, max_records)
+
+    def read_after(self, position: Position, max_records: int) -> list[tuple[Segment, int, list[AnyRecord]]]:
+        """Frames after `position` and not yet acknowledged, oldest first: (segment, end offset, records),
+        about max_records (whole frames). What one sink has not been sent yet."""
         out: list[tuple[Segment, int, list[AnyRecord]]] = []
         count = 0
+        after_seg, after_offset = position
         for seg in list(self.segments):
-            if seg.acked >= seg.size:
+            if seg.number < after_seg:
+                continue
+            start = max(seg.acked, after_offset if seg.number == after_seg else 0)
+            if start >= seg.size:
                 continue
             with open(seg.path, "rb") as f:
-                f.seek(seg.acked)
-                data = f.read(seg.size - seg.acked)
+                f.seek(start)
+                data = f.read(seg.size - start)
             frames = decode_frames(data)
             if not frames and seg is not self.current:
                 # a torn or corrupt tail that was never fsynced whole: nothing more can come from it
                 log.warning("usage spool: ignoring %d unreadable bytes at the end of %s",
-                            seg.size - seg.acked, seg.path.name)
-                seg.size = seg.acked
+                            seg.size - start, seg.path.name)
+                seg.size = start
                 continue
             for _start, end, records in frames:
-                out.append((seg, seg.acked + end, records))
+                out.append((seg, start + end, records))
                 count += len(records)
                 if count >= max_records:
                     return out
             if frames and frames[-1][1] < len(data) and seg is not self.current:
                 log.warning("usage spool: ignoring %d unreadable bytes at the end of %s",
                             len(data) - frames[-1][1], seg.path.name)
-                seg.size = seg.acked + frames[-1][1]
+                seg.size = start + frames[-1][1]
         return out
+
+    def ack_to(self, position: Position) -> None:
+        """Everything before `position` is in every sink: acknowledge it, segment by segment."""
+        upto_seg, upto_offset = position
+        for seg in list(self.segments):
+            if seg.number > upto_seg:
+                break
+            offset = seg.size if seg.number < upto_seg else upto_offset
+            if offset > seg.acked or offset >= seg.size:
+                self.ack(seg, offset)
 
     def ack(self, seg: Segment, offset: int) -> None:
         """Everything in `seg` before `offset` is in every sink: record it, drop finished segments."""
