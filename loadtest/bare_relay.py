@@ -99,12 +99,18 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _serve_client(client: socket.socket, backend_addr: tuple[str, int]) -> None:
+async def _backend_for(client: socket.socket, backend_addr: tuple[str, int]) -> socket.socket | None:
+    """The client's own backend connection; None (and the client closed) when it cannot be had."""
     try:
-        backend = await _connect(backend_addr)
+        return await _connect(backend_addr)
     except OSError as ex:
         print(f"bare_relay: backend connect failed: {ex}", file=sys.stderr, flush=True)
         _close(client)
+        return None
+
+
+async def _serve_client(client: socket.socket, backend_addr: tuple[str, int]) -> None:
+    if (backend := await _backend_for(client, backend_addr)) is None:
         return
     try:
         async with trio.open_nursery() as nursery:
@@ -116,11 +122,7 @@ async def _serve_client(client: socket.socket, backend_addr: tuple[str, int]) ->
 
 
 async def _serve_client_polled(client: socket.socket, backend_addr: tuple[str, int], poller: Poller) -> None:
-    try:
-        backend = await _connect(backend_addr)
-    except OSError as ex:
-        print(f"bare_relay: backend connect failed: {ex}", file=sys.stderr, flush=True)
-        _close(client)
+    if (backend := await _backend_for(client, backend_addr)) is None:
         return
     lot = trio.lowlevel.ParkingLot()
     rests: list[tuple[socket.socket, socket.socket, memoryview]] = []  # sends to finish, by the task
