@@ -127,8 +127,8 @@ class WorkerMetrics:
         self.logins_blocked = 0  # logins refused by the login breaker, before authentication
         self.login_blocks = 0  # blocks the login breaker started (an org and address over the failure limit)
         self.limits_degraded = 0  # 0/1 gauge: Redis unreachable, limits are node-local (set by limits/)
-        self.usage_spool_bytes = 0  # gauge: bytes in the local usage spool not yet shipped (set by usage/)
-        self.usage_shipping_lag_seconds = 0.0  # gauge: age of the oldest unshipped usage record (usage/)
+        self.usage_spool_bytes = 0  # gauge: bytes in the local usage spool not yet in every sink (set by usage/)
+        self.usage_shipping_lag_seconds = 0.0  # gauge: age of the oldest usage record not yet in every sink (usage/)
 
     def org(self, org: str, tier: str, db_type: str = "postgres", org_id: str | None = None) -> OrgCounters:
         """The counters of (org, tier, database type), made on first use. No allocation when they exist."""
@@ -457,10 +457,10 @@ class _SnapshotCollector:
         yield GaugeMetricFamily("o7s_limits_degraded",
                                 "1 when any worker enforces limits node-locally (Redis unreachable).",
                                 value=total["limits_degraded"])
-        yield GaugeMetricFamily("o7s_usage_spool_bytes", "Bytes of usage records spooled locally, not yet shipped.",
+        yield GaugeMetricFamily("o7s_usage_spool_bytes", "Bytes of usage records spooled locally, not yet in every sink.",
                                 value=total["usage_spool_bytes"])
         yield GaugeMetricFamily("o7s_usage_shipping_lag_seconds",
-                                "Age of the oldest usage record not yet shipped (worst worker).",
+                                "Age of the oldest usage record not yet in every sink (worst worker).",
                                 value=total["usage_shipping_lag_seconds"])
 
         per_worker = GaugeMetricFamily("o7s_worker_client_connections", "Client connections open on each worker.",
