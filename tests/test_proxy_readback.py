@@ -97,3 +97,22 @@ def test_texts_with_literals_stay_out_of_the_cache():
     may_change_state(b"select f(a) from t where aid = $1")
     info = readback._scan_cached.cache_info()
     assert info.currsize == 1 and info.hits == 1
+
+
+def test_prepared_texts_are_judged_once_and_the_memory_stays_bounded(monkeypatch):
+    monkeypatch.setattr(readback, "_prepared_verdicts", {})
+    monkeypatch.setattr(readback, "PREPARED_VERDICTS_SIZE", 8)
+    judged: list[bytes] = []
+    real = readback.may_change_state
+    monkeypatch.setattr(readback, "may_change_state", lambda text: judged.append(text) or real(text))
+    assert readback.prepared_may_change_state(b"SET search_path = $1") is True
+    assert readback.prepared_may_change_state(b"select a from t where id = $1") is False
+    assert readback.prepared_may_change_state(b"select a from t where id = $1") is False
+    assert readback.prepared_may_change_state(b"SET search_path = $1") is True
+    assert judged == [b"SET search_path = $1", b"select a from t where id = $1"]
+    for n in range(20):
+        assert readback.prepared_may_change_state(f"select {n} from t".encode()) is False
+        assert len(readback._prepared_verdicts) <= 8
+    long_text = b"select a from t where " + b" and ".join(b"c = $1" for _ in range(200))
+    assert readback.prepared_may_change_state(long_text) is False
+    assert long_text not in readback._prepared_verdicts  # too long to keep

@@ -503,3 +503,44 @@ def test_a_notification_during_the_read_back_reaches_the_client():
     assert c.feed_backend(answer, 3.0) == KEEP
     assert take(c.to_client) == notification(999)
     assert c.pinned == "LISTEN"
+
+
+@pytest.mark.parametrize("payload", [
+    b"\0select 1",                       # no end of the text
+    b"\0select 1\0",                     # no parameter type count
+    b"\0select 1\0\0\1",                 # one type announced, none sent
+    b"\0select 1\0\0\0\0\0\0\x17",       # none announced, one sent
+    b"\0select 1\0\xff\xff",             # a negative count
+])
+def test_a_malformed_unnamed_parse_is_a_protocol_violation(payload):
+    c = core()
+    with pytest.raises(ProtocolViolation, match="Parse message"):
+        attach(c, msg(b"P", payload) + SYNC)
+
+
+@pytest.mark.parametrize("payload", [b"", b"S", b"X\0", b"Pportal"])
+def test_a_malformed_describe_is_a_protocol_violation(payload):
+    c = core()
+    with pytest.raises(ProtocolViolation, match="malformed Describe"):
+        attach(c, msg(b"D", payload) + SYNC)
+
+
+def test_an_unnamed_parse_is_sent_on_whole_and_its_text_is_judged_alone():
+    c = core()
+    batch = msg(b"P", b"\0SET search_path = $1\0\0\1\0\0\0\x19") + bind(b"") + execute() + SYNC
+    attach(c, batch)
+    assert take(c.to_backend) == batch
+    assert backend_says(c, PARSE_DONE + BIND_DONE + complete("SET") + ready()) == KEEP  # read back first
+    assert messages(take(c.to_backend)) == [b"Q"]
+
+
+def test_a_message_refused_while_it_waited_for_a_backend_leaves_the_next_one_routed_afresh():
+    c = core()
+    assert c.feed_client(query("select 1"), 1.0) == NEED_BACKEND
+    c.attach_failed(ClientError("53300", "no backend", fatal=False))
+    assert messages(take(c.to_client)) == [b"E", b"Z"]
+    # Not taken as the refused one was (straight to forwarding): a local DEALLOCATE is answered here.
+    assert c.feed_client(parse(b"s1", "select 1") + SYNC, 1.0) == PROCEED
+    assert c.feed_client(query("DEALLOCATE s1"), 2.0) == PROCEED
+    assert messages(take(c.to_client)) == [b"1", b"Z", b"C", b"Z"]
+    assert c.backend is None

@@ -171,6 +171,18 @@ def split_parse(payload: bytes) -> tuple[bytes, bytes]:
     return name, payload[pos:]
 
 
+def unnamed_parse_text_end(buf: bytes | bytearray, s: int, e: int) -> int:
+    """Where the SQL text of the unnamed Parse at buf[s:e] ends (its NUL), checked as `split_parse`
+    checks a payload, without copying it."""
+    text_end = buf.find(b"\x00", s + 6, e)
+    if text_end < 0 or text_end + 3 > e:
+        raise ProtocolViolation("Parse message too short")
+    (ntypes,) = _H.unpack_from(buf, text_end + 1)
+    if e != text_end + 3 + 4 * ntypes:
+        raise ProtocolViolation("Parse message has a wrong parameter type count")
+    return text_end
+
+
 def split_bind(payload: bytes) -> tuple[bytes, bytes, int]:
     """A Bind payload as (portal, statement name, offset of the rest)."""
     portal, pos = read_cstring(payload, 0)

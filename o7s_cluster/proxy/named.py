@@ -23,7 +23,7 @@ from o7s_cluster.pgwire.errors import ClientError
 from o7s_cluster.proxy import owed
 from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.owed import Kind, Pending
-from o7s_cluster.proxy.readback import may_change_state
+from o7s_cluster.proxy.readback import prepared_may_change_state
 from o7s_cluster.proxy.statements import (
     MAX_PREPARED_PER_BACKEND,
     MAX_PREPARED_PER_CLIENT,
@@ -97,7 +97,7 @@ class NamedStatements:
         if self.statements.full(name):
             raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
                               f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
-        statement = Statement(statement_key(rest), rest, may_change_state(rest), name)
+        statement = Statement(statement_key(rest), rest, prepared_may_change_state(rest), name)
         if statement.stateful:
             self._note_state(rest)
         self.statements.define(name, statement)
@@ -131,15 +131,15 @@ class NamedStatements:
             self.owed.append(owed.HIDDEN_CLOSE)
 
     def _parse_locally(self, s: int, e: int) -> bool:
+        if not self._cbuf[s + 5]:
+            return False  # the unnamed statement is the server's business
         name, rest = m.split_parse(bytes(self._cbuf[s + 5:e]))
-        if not name:
-            return False
         if len(rest) > MAX_NAMED_PARSE:
             raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
                               f"prepared statement text too long (limit {MAX_NAMED_PARSE} bytes)")
         if self.statements.full(name):
             return False  # _parse_named refuses it with the limit's error
-        statement = Statement(statement_key(rest), rest, may_change_state(rest), name)
+        statement = Statement(statement_key(rest), rest, prepared_may_change_state(rest), name)
         if statement.stateful:
             self._note_state(rest)
         self.statements.define(name, statement)

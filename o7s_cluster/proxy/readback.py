@@ -101,6 +101,25 @@ def may_change_state(sql: bytes | bytearray) -> bool:
     return _scan_cached(bytes(sql))
 
 
+PREPARED_VERDICTS_SIZE = 4096    # distinct extended-protocol texts whose verdict is remembered (per worker)
+PREPARED_VERDICTS_MAX_TEXT = 1024
+_prepared_verdicts: dict[bytes, bool] = {}
+
+
+def prepared_may_change_state(text: bytes) -> bool:
+    """`may_change_state` of a text sent in a Parse. Those carry their values as parameters ($1), so that
+    the same few come again and again, unnamed ones with every execution: the verdict is remembered
+    (the memory is emptied when full, never grown past its size)."""
+    verdict = _prepared_verdicts.get(text)
+    if verdict is None:
+        verdict = may_change_state(text)
+        if len(text) <= PREPARED_VERDICTS_MAX_TEXT:
+            if len(_prepared_verdicts) >= PREPARED_VERDICTS_SIZE:
+                _prepared_verdicts.clear()
+            _prepared_verdicts[text] = verdict
+    return verdict
+
+
 _TRAILING = b"; \t\r\n\x00"
 # First words that are none of `_STATEFUL_START`'s keywords nor their prefixes (select/set, delete/
 # declare/do, update/unlisten differ within the word), lower-case.

@@ -106,6 +106,7 @@ class BackendRelay:
         if self._bstream_left:  # the rest of a large message, relayed as it arrives
             pos = min(end_of_data, self._bstream_left)
             self._bstream_left -= pos
+        front = owed_[0].kind if owed_ else None  # read again whenever the queue may have changed
         while not self._bstream_left:
             if end_of_data - pos < 5:
                 break
@@ -119,21 +120,24 @@ class BackendRelay:
                     self._bstream_left = stop - end_of_data
                     pos = end_of_data
                 break
-            if owed_ and owed_[0].kind is _K_FAKE:  # held answers of O7s's own go out before the server's next
-                out += buf[seg:pos]
-                seg = pos
-                self._release_before_answer(out)
-            if owed_ and owed_[0].kind is _K_READBACK:
-                if t == _NOTIFICATION:  # asynchronous: the client's, even during O7s's own query
-                    self._own_notification(buf, pos)
+            if front is _K_FAKE or front is _K_READBACK:
+                if front is _K_FAKE:  # held answers of O7s's own go out before the server's next
+                    out += buf[seg:pos]
+                    seg = pos
+                    self._release_before_answer(out)
+                    front = owed_[0].kind if owed_ else None
+                if front is _K_READBACK:
+                    if t == _NOTIFICATION:  # asynchronous: the client's, even during O7s's own query
+                        self._own_notification(buf, pos)
+                        pos = stop
+                        continue
+                    out += buf[seg:pos]
+                    seg = stop
+                    if self._readback_message(t, pos, stop):
+                        self._after_pop(out)
+                        front = owed_[0].kind if owed_ else None
                     pos = stop
                     continue
-                out += buf[seg:pos]
-                seg = stop
-                if self._readback_message(t, pos, stop):
-                    self._after_pop(out)
-                pos = stop
-                continue
             if t not in interesting:
                 pos = stop
                 continue
@@ -215,10 +219,12 @@ class BackendRelay:
                 out += buf[seg:pos]
                 seg = stop
             pos = stop
-            if popped and owed_ and owed_[0].kind is _K_FAKE:
+            front = owed_[0].kind if owed_ else None
+            if popped and front is _K_FAKE:
                 out += buf[seg:pos]
                 seg = pos
                 self._after_pop(out)
+                front = owed_[0].kind if owed_ else None
         out += buf[seg:pos]
         self._bpos = pos
         self.counters.bytes_out += len(out) - start_out

@@ -24,7 +24,7 @@ from o7s_cluster.proxy.backend import BackendState
 from o7s_cluster.proxy.listen import Listening, may_notify
 from o7s_cluster.proxy.named import MAX_NAMED_PARSE, NamedStatements
 from o7s_cluster.proxy.owed import Kind, Pending
-from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state
+from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state, prepared_may_change_state
 from o7s_cluster.proxy.relay import BackendRelay, Counters
 from o7s_cluster.proxy.statements import ClientStatements, PoolStatements
 
@@ -43,6 +43,7 @@ _COPY_DATA, _COPY_DONE, _COPY_FAIL = b"dcf"
 _COPY_MESSAGES = frozenset(b"dcf")
 _FRONTEND = frozenset(b"QPBEDCSHFXdcf")
 _STATEMENT = ord("S")
+_DESCRIBE_KINDS = frozenset(b"SP")  # a prepared statement, a portal
 
 # Client messages larger than this pass through to the backend as they arrive rather than being
 # buffered whole (PostgreSQL itself caps a message at 1 GiB; `max_message` caps it here).
@@ -88,6 +89,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         self._stream_left = 0       # bytes of a large client message still to pass through
         self._discard_left = 0      # bytes of a refused large client message still to drop
         self._granted = False       # the message at the front already has its token
+        self._routed = False        # ... and was routed: it waits only for a backend
         self.unsynced = False       # extended-protocol messages sent since the last Sync
         self.skip_until_sync = False
         self._sync_to_backend = False  # the Sync that ends a skipped batch still goes to the backend
@@ -201,48 +203,55 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
     def _message(self, t: int, s: int, e: int, now: float) -> int:
         """One whole client message at buf[s:e]. PROCEED once it is handled; else the shell's turn
         (the message stays at the front and is handled again on `resume`)."""
-        if t == _TERMINATE:
-            return TERMINATE
-        if self.skip_until_sync:  # after an error, O7s's or the server's
-            if t != _SYNC:
-                self._granted = False
-                return PROCEED
-            self.skip_until_sync = False
-            if not self._sync_to_backend:
-                self._fake(m.ready_for_query(self.tx_status))
-                return PROCEED
-            self._sync_to_backend = False  # earlier messages of the batch went to the backend
-        elif (t == _QUERY or t == _EXECUTE or t == _FUNCTION) and not self._granted:
-            if not self.take_token():
-                return NEED_TOKEN
-            self._granted = True
-        backend = self.backend
-        if self.transaction_mode:
-            if t == _QUERY and (taken := self._listen(s, e)) is not None:
-                return PROCEED if taken else NEED_LISTEN
-            if ((t == _PARSE or self._local_batch or ((t == _BIND or t == _DESCRIBE or t == _CLOSE)
-                                                      and (self._listen_statements or self._listen_unnamed)))
-                    and (taken := self._listen_ext(t, s, e)) is not None):
-                return PROCEED if taken else NEED_LISTEN
-            if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e, now):
-                self._granted = False
-                return PROCEED
-            if backend is None and self.tx_status == b"I":
-                # A named Parse outside a transaction needs no backend yet: it is prepared where its
-                # Bind or Describe lands, so that clients preparing with a blocking call (PQprepare)
-                # never wait for a backend just to prepare.
-                if t == _PARSE and self._parse_locally(s, e):
+        if not self._routed:  # (else it was routed before the shell attached a backend)
+            if t == _TERMINATE:
+                return TERMINATE
+            if self.skip_until_sync:  # after an error, O7s's or the server's
+                if t != _SYNC:
+                    self._granted = False
                     return PROCEED
-                if self._lazy_sync and (t == _SYNC or t == _FLUSH):
-                    if t == _SYNC:
-                        self._lazy_sync = False
-                        self.unsynced = False
-                        self._fake(m.ready_for_query(self.tx_status))
-                    else:
-                        self._due()
+                self.skip_until_sync = False
+                if not self._sync_to_backend:
+                    self._fake(m.ready_for_query(self.tx_status))
                     return PROCEED
-        if backend is None:
-            return NEED_BACKEND
+                self._sync_to_backend = False  # earlier messages of the batch went to the backend
+            elif (t == _QUERY or t == _EXECUTE or t == _FUNCTION) and not self._granted:
+                if not self.take_token():
+                    return NEED_TOKEN
+                self._granted = True
+            backend = self.backend
+            if self.transaction_mode:
+                if t == _QUERY and (taken := self._listen(s, e)) is not None:
+                    return PROCEED if taken else NEED_LISTEN
+                if ((t == _PARSE or self._local_batch or ((t == _BIND or t == _DESCRIBE or t == _CLOSE)
+                                                          and (self._listen_statements or self._listen_unnamed)))
+                        and (taken := self._listen_ext(t, s, e)) is not None):
+                    return PROCEED if taken else NEED_LISTEN
+                if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e, now):
+                    self._granted = False
+                    return PROCEED
+                if backend is None and self.tx_status == b"I":
+                    # A named Parse outside a transaction needs no backend yet: it is prepared where its
+                    # Bind or Describe lands, so that clients preparing with a blocking call (PQprepare)
+                    # never wait for a backend just to prepare.
+                    if t == _PARSE and self._parse_locally(s, e):
+                        return PROCEED
+                    if self._lazy_sync and (t == _SYNC or t == _FLUSH):
+                        if t == _SYNC:
+                            self._lazy_sync = False
+                            self.unsynced = False
+                            self._fake(m.ready_for_query(self.tx_status))
+                        else:
+                            self._due()
+                        return PROCEED
+            if backend is None:
+                self._routed = True  # token and routing settled: it waits for a backend only
+                return NEED_BACKEND
+        else:
+            backend = self.backend
+            if backend is None:
+                return NEED_BACKEND
+            self._routed = False
         if (self._notify_ends or self.barrier_wanted) and t not in _COPY_MESSAGES:  # COPY data: the running query's
             return NEED_QUIET  # its own notifications come first, as directly: see `Listening.quiet`
         self._granted = False
@@ -368,7 +377,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
 
     def _refuse_front(self, error: ClientError) -> None:
         """The message at the front is answered with `error` and not run; the rest of its batch is skipped."""
-        self._granted = False
+        self._granted = self._routed = False
         buf = self._cbuf
         t = buf[self._cpos]
         length = _I32.unpack_from(buf, self._cpos + 1)[0]
@@ -432,31 +441,35 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
             out += buf[s:e]
         elif t == _SYNC:
             self.unsynced = False
-            owed_.append(Pending(_K_SYNC, started=now))
             out += buf[s:e]
-            if self._notified:
+            if self._notified:  # the batch's end is the one its notifications wait for
                 self._notified = False
+                owed_.append(Pending(_K_SYNC))
                 self._notify_ends.append(owed_[-1])
+            else:
+                owed_.append(owed.SYNC)
             if self._held:
                 self._due()
         elif t == _PARSE:
             self.unsynced = True
             if self.transaction_mode:
-                name, rest = m.split_parse(bytes(buf[s + 5:e]))
-                if name:
+                if buf[s + 5]:
+                    name, rest = m.split_parse(bytes(buf[s + 5:e]))
                     self._parse_named(backend, name, rest)
                     return
-                if may_change_state(rest):
-                    self._note_state(rest)
-                if self.listens.listening() and may_notify(rest):
+                text = bytes(buf[s + 6:m.unnamed_parse_text_end(buf, s, e)])
+                if prepared_may_change_state(text):
+                    self._note_state(text)
+                if self.listens.listening() and may_notify(text):
                     self._notified = True
             owed_.append(owed.PARSE)
             out += buf[s:e]
         elif t == _DESCRIBE:
             self.unsynced = True
-            if self.transaction_mode:
-                kind, name = m.split_describe_close(bytes(buf[s + 5:e]))
-                statement = self.statements.get(name) if kind == _STATEMENT and name else None
+            if e - s < 7 or buf[e - 1] or buf[s + 5] not in _DESCRIBE_KINDS:
+                raise ProtocolViolation("malformed Describe/Close message")
+            if self.transaction_mode and buf[s + 5] == _STATEMENT and e - s > 7:
+                statement = self.statements.get(bytes(buf[s + 6:buf.find(b"\x00", s + 6, e)]))
                 if statement is not None:
                     key = self._prepare_on(backend, statement)
                     out += m.describe_statement(key)
