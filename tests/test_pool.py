@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import select
+import socket
+
 import psycopg
 import pytest
 import trio
 
 from conftest import admin_dsn, create_backend_db
 from o7s_cluster.control_plane.dsn import parse_dsn
+from o7s_cluster.net import backend
 from o7s_cluster.net.backend import BackendError
 from o7s_cluster.net.pool import Pool, PoolSettings, PoolTimeout
 
@@ -131,6 +135,32 @@ async def test_broken_idle_connection_is_replaced_not_handed_out(target, pg_serv
     assert new_pid != old_pid and pool.opened_total == 2
     pool.release(conn)
     await pool.close()
+
+
+async def _readable(conn) -> None:
+    with trio.fail_after(5):
+        while not select.select([conn.raw], [], [], 0)[0]:
+            await trio.sleep(0.01)
+
+
+async def test_an_idle_connection_the_server_ended_does_not_look_alive_before_anyone_read_it(target, pg_server):
+    conn = await backend.connect(target, timeout=5)  # no pump, no poller: only the check sees the socket
+    pid = conn.pid
+    assert pid and conn.looks_alive() and conn.looks_alive()  # asking reads nothing
+    with psycopg.connect(admin_dsn(pg_server), autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", (pid,))
+    await _readable(conn)
+    assert not conn.looks_alive() and not conn.dead
+    conn.channel.close()
+
+
+async def test_a_connection_closed_without_a_word_does_not_look_alive(target):
+    conn = await backend.connect(target, timeout=5)
+    assert conn.looks_alive()
+    conn.raw.shutdown(socket.SHUT_WR)  # the server answers our goodbye with its own: end of stream
+    await _readable(conn)
+    assert not conn.looks_alive()
+    conn.channel.close()
 
 
 async def test_failed_connect_gives_the_slot_back(target, nursery):

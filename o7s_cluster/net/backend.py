@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -73,7 +74,7 @@ class BackendConn:
 
     __slots__ = ("stream", "raw", "tls", "channel", "reader", "state", "pid", "secret", "target",
                  "created", "last_used", "cancels", "parked", "pool", "sink", "dead", "poller", "_fd",
-                 "_handler", "_rest", "_lot", "_closing")
+                 "_handler", "_rest", "_lot", "_closing", "_probe")
 
     def __init__(self, stream: trio.abc.Stream, raw: socket.socket, tls: bool, target: BackendTarget) -> None:
         self.stream = stream
@@ -81,6 +82,8 @@ class BackendConn:
         self.tls = tls
         self.target = target
         self.channel: AnyChannel = TLSChannel(stream, raw) if tls else Channel(raw)  # type: ignore[arg-type]
+        self._probe = select.poll()  # what `looks_alive` asks
+        self._probe.register(raw, select.POLLIN)
         self.reader = MessageReader(MAX_BACKEND_MESSAGE)  # housekeeping statements only
         self.state = BackendState()
         self.pid = 0
@@ -107,19 +110,22 @@ class BackendConn:
         return self.state.settings.initial
 
     def looks_alive(self) -> bool:
-        """Cheap check, no round trip: an idle server connection has nothing to say unless it is gone."""
+        """Cheap check, no round trip: an idle server connection has nothing to say unless it is gone.
+
+        One poll of its socket, which raises nothing in the usual case (a peek would, costing more than
+        the system call itself); only TLS, whose records may carry session tickets, looks closer."""
         if self.dead:
             return False
+        if not self._probe.poll(0):
+            return True
+        if not self.tls:
+            return False
         try:
-            data = self.raw.recv(1, _PEEK_NOW)
+            return bool(self.raw.recv(1, _PEEK_NOW))  # a record, not the end of the stream
         except BlockingIOError:
             return True
         except OSError:
             return False
-        if not data:
-            return False
-        # Plain: an idle server only speaks to say it is terminating us. TLS may carry session tickets.
-        return self.tls
 
     async def send(self, data: bytes | bytearray) -> None:
         await self.channel.send(bytearray(data))
