@@ -544,3 +544,11 @@ def test_a_message_refused_while_it_waited_for_a_backend_leaves_the_next_one_rou
     assert c.feed_client(query("DEALLOCATE s1"), 2.0) == PROCEED
     assert messages(take(c.to_client)) == [b"1", b"Z", b"C", b"Z"]
     assert c.backend is None
+
+
+@pytest.mark.parametrize("status", [b"", b"II"])
+def test_a_ready_for_query_of_the_wrong_length_is_a_protocol_violation(status):
+    c = core()
+    attach(c, query("select 1"))
+    with pytest.raises(ProtocolViolation, match="ReadyForQuery length"):
+        c.feed_backend(complete("SELECT 1") + msg(b"Z", status), 2.0)

@@ -53,7 +53,7 @@ _LISTEN = re.compile(
 )
 _HEAD = re.compile(rb"\s*(?:un)?listen\b", re.IGNORECASE)
 # What a LISTEN/UNLISTEN text can start with: one byte look rules out nearly every other Query cheaply.
-_FIRST_BYTES = frozenset(b"lLuU \t\n\r\f\v")
+LISTEN_FIRST = frozenset(b"lLuU \t\n\r\f\v")  # the bytes a LISTEN or UNLISTEN text can start with
 _PARSE, _BIND, _DESCRIBE, _EXECUTE, _SYNC, _FLUSH, _CLOSE = b"PBDESHC"
 _STATEMENT = ord("S")
 _BIND_COMPLETE = b"2\x00\x00\x00\x04"
@@ -97,7 +97,7 @@ def parse_listen(buf: bytes | bytearray, start: int, end: int) -> ListenOp | Non
     Anything else (several statements, comments, a name the server would truncate) is not taken
     over: it goes to the backend as before.
     """
-    if start >= end or buf[start] not in _FIRST_BYTES or not _HEAD.match(buf, start, end):
+    if start >= end or buf[start] not in LISTEN_FIRST or not _HEAD.match(buf, start, end):
         return None
     match = _LISTEN.match(buf, start, end)
     if match is None:

@@ -38,7 +38,7 @@ SYNTAX_ERROR = "42601"           # a text the server can never prepare, on any b
 _CLOSE = ord("C")
 _STATEMENT = ord("S")
 _DEALLOCATE_START = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
-_DEALLOCATE_FIRST = frozenset(b"dD \t\n\r\f\v")  # the bytes `_DEALLOCATE_START` can start at: most Queries stop here
+DEALLOCATE_FIRST = frozenset(b"dD \t\n\r\f\v")  # the bytes `_DEALLOCATE_START` can start at: most Queries stop here
 _DEALLOCATE = re.compile(rb"\s*deallocate\s+(?:prepare\s+)?(\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*\Z",
                          re.IGNORECASE)
 
@@ -179,7 +179,7 @@ class NamedStatements:
                 self.unsynced = True
             self._hold(m.close_complete(), dropped=statement)
             return True
-        if s + 5 >= e or buf[s + 5] not in _DEALLOCATE_FIRST or not _DEALLOCATE_START.match(buf, s + 5, e):
+        if s + 5 >= e or buf[s + 5] not in DEALLOCATE_FIRST or not _DEALLOCATE_START.match(buf, s + 5, e):
             return False
         match = _DEALLOCATE.match(buf, s + 5, e - 1)
         if not match:
@@ -196,7 +196,7 @@ class NamedStatements:
         key = self._drop_on_server(statement)
         if key is not None:
             self.to_backend += m.query(f'DEALLOCATE "{key.decode()}"')
-            self.owed.append(Pending(Kind.QUERY, started=now))
+            self.owed.append(Pending(Kind.QUERY, now))
             return True
         self._fake(m.command_complete("DEALLOCATE"), ready=True)
         return True

@@ -32,7 +32,7 @@ class Pending:
 
     __slots__ = ("kind", "hidden", "started", "statement", "reply", "ready", "due", "parse", "dropped")
 
-    def __init__(self, kind: Kind, *, hidden: bool = False, started: float = 0.0, statement: bytes = b"",
+    def __init__(self, kind: Kind, started: float = 0.0, *, hidden: bool = False, statement: bytes = b"",
                  reply: bytes = b"", ready: bool = False, due: bool = True, parse: Statement | None = None,
                  dropped: Statement | None = None) -> None:
         self.kind = kind

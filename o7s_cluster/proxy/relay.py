@@ -50,12 +50,16 @@ class Counters(Protocol):
     def query_done(self, seconds: float, rows: int, ok: bool) -> None: ...
 
 
-def _rows(tag: bytes | bytearray) -> int:
-    space = tag.rfind(b" ")
+def _rows(buf: bytearray, start: int, end: int) -> int:
+    """The row count that ends the command tag at buf[start:end] (`SELECT 3`, `INSERT 0 5`), else 0."""
+    space = buf.rfind(b" ", start, end)
     if space < 0:
         return 0
-    last = tag[space + 1:]
+    last = buf[space + 1:end]
     return int(last) if last.isdigit() else 0
+
+
+_BYTE = tuple(bytes((i,)) for i in range(256))  # a transaction status byte as bytes, without a copy
 
 
 class BackendRelay:
@@ -144,6 +148,8 @@ class BackendRelay:
             popped = False
             hidden = False
             if t == _READY:
+                if length != 5:
+                    raise ProtocolViolation(f"invalid ReadyForQuery length {length}")
                 ends = self._notify_ends
                 if (ends or self._block_notified) and owed_:
                     if ends and owed_[0] is ends[0]:
@@ -155,7 +161,7 @@ class BackendRelay:
                         self._block_notified = False
                         self.barrier_wanted = True
                         break
-                self.tx_status = bytes(buf[pos + 5:pos + 6])
+                self.tx_status = _BYTE[buf[pos + 5]]
                 if self.listens.pending and self.tx_status == b"I":  # the block ended without COMMIT
                     self.listens.rollback()
                     self.listen_changed = True
@@ -176,7 +182,7 @@ class BackendRelay:
                     owed_.popleft()
                     popped = True
             elif t == _COMMAND_DONE or t == _EMPTY_QUERY or t == _SUSPENDED:
-                rows = _rows(buf[pos + 5:stop - 1]) if t == _COMMAND_DONE else 0
+                rows = _rows(buf, pos + 5, stop - 1) if t == _COMMAND_DONE else 0
                 if t == _COMMAND_DONE and rows == 0:
                     self._on_tag(buf[pos + 5:stop - 1])
                 if owed_:
@@ -326,6 +332,8 @@ class BackendRelay:
             name, value = m.parse_parameter_status(bytes(buf[s + 5:e]))
             backend.settings.reported[name] = value
         elif t == _READY:
+            if e != s + 6:
+                raise ProtocolViolation(f"invalid ReadyForQuery length {e - s - 1}")
             self.owed.popleft()
             self._readback = None
             if result.failed:
@@ -333,7 +341,7 @@ class BackendRelay:
                 self.pinned = "session state O7s could not read"
             else:
                 self._apply_readback(result)
-            self.tx_status = bytes(buf[s + 5:s + 6])
+            self.tx_status = _BYTE[buf[s + 5]]
             return True
         return False
 

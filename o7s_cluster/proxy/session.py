@@ -21,8 +21,8 @@ from o7s_cluster.pgwire import messages as m
 from o7s_cluster.pgwire.errors import ClientError, ProtocolViolation
 from o7s_cluster.proxy import owed
 from o7s_cluster.proxy.backend import BackendState
-from o7s_cluster.proxy.listen import Listening, may_notify
-from o7s_cluster.proxy.named import MAX_NAMED_PARSE, NamedStatements
+from o7s_cluster.proxy.listen import LISTEN_FIRST, Listening, may_notify
+from o7s_cluster.proxy.named import DEALLOCATE_FIRST, MAX_NAMED_PARSE, NamedStatements
 from o7s_cluster.proxy.owed import Kind, Pending
 from o7s_cluster.proxy.readback import Readback, custom_names, may_change_state, prepared_may_change_state
 from o7s_cluster.proxy.relay import BackendRelay, Counters
@@ -203,6 +203,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
     def _message(self, t: int, s: int, e: int, now: float) -> int:
         """One whole client message at buf[s:e]. PROCEED once it is handled; else the shell's turn
         (the message stays at the front and is handled again on `resume`)."""
+        buf = self._cbuf
         if not self._routed:  # (else it was routed before the shell attached a backend)
             if t == _TERMINATE:
                 return TERMINATE
@@ -221,13 +222,16 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
                 self._granted = True
             backend = self.backend
             if self.transaction_mode:
-                if t == _QUERY and (taken := self._listen(s, e)) is not None:
+                # A Query's first byte rules out most take-overs (an empty one has none: e == s + 5).
+                first = buf[s + 5] if e > s + 5 else -1
+                if t == _QUERY and first in LISTEN_FIRST and (taken := self._listen(s, e)) is not None:
                     return PROCEED if taken else NEED_LISTEN
                 if ((t == _PARSE or self._local_batch or ((t == _BIND or t == _DESCRIBE or t == _CLOSE)
                                                           and (self._listen_statements or self._listen_unnamed)))
                         and (taken := self._listen_ext(t, s, e)) is not None):
                     return PROCEED if taken else NEED_LISTEN
-                if (t == _QUERY or t == _CLOSE) and self._answer_locally(t, s, e, now):
+                if (((t == _QUERY and first in DEALLOCATE_FIRST) or t == _CLOSE)
+                        and self._answer_locally(t, s, e, now)):
                     self._granted = False
                     return PROCEED
                 if backend is None and self.tx_status == b"I":
@@ -280,11 +284,11 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         self._lazy_sync = False
         head_end = min(avail_end, stop)
         if t == _QUERY:
-            self.owed.append(Pending(_K_QUERY, started=now))
+            self.owed.append(Pending(_K_QUERY, now))
             self._readback_due = True  # too large to scan: assume it may change state
             self.to_backend += buf[s:head_end]
         elif t == _FUNCTION:
-            self.owed.append(Pending(_K_QUERY, started=now))
+            self.owed.append(Pending(_K_QUERY, now))
             self._readback_due = True
             self.to_backend += buf[s:head_end]
         elif t == _COPY_DATA:
@@ -340,7 +344,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
     def attached(self, backend: BackendState) -> None:
         """A backend now serves this client (its settings already match the client's)."""
         self.backend = backend
-        held = list(self.owed)  # answers O7s holds from before: the batch only now reaches a backend
+        held = list(self.owed) if self.owed else ()  # answers O7s holds: the batch only now reaches a backend
         self.owed.clear()
         if self.transaction_mode:
             self._close_dropped(backend)
@@ -406,7 +410,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         out = self.to_backend
         owed_ = self.owed
         if t == _QUERY:
-            owed_.append(Pending(_K_QUERY, started=now))
+            owed_.append(Pending(_K_QUERY, now))
             out += buf[s:e]
             if self.transaction_mode:
                 sql = buf[s + 5:e - 1]
@@ -437,7 +441,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
             owed_.append(owed.BIND)
         elif t == _EXECUTE:
             self.unsynced = True
-            owed_.append(Pending(_K_EXECUTE, started=now))
+            owed_.append(Pending(_K_EXECUTE, now))
             out += buf[s:e]
         elif t == _SYNC:
             self.unsynced = False
@@ -487,7 +491,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
             if self._held:
                 self._due()
         elif t == _FUNCTION:
-            owed_.append(Pending(_K_QUERY, started=now))
+            owed_.append(Pending(_K_QUERY, now))
             self._readback_due = self.transaction_mode
             out += buf[s:e]
         else:  # CopyData, CopyDone, CopyFail
