@@ -552,3 +552,35 @@ def test_a_ready_for_query_of_the_wrong_length_is_a_protocol_violation(status):
     attach(c, query("select 1"))
     with pytest.raises(ProtocolViolation, match="ReadyForQuery length"):
         c.feed_backend(complete("SELECT 1") + msg(b"Z", status), 2.0)
+
+
+def test_with_a_backend_attached_each_query_and_execute_still_waits_for_its_token():
+    tokens = [True]
+    c = SessionCore(transaction_mode=True, counters=Counters(), pool_statements=PoolStatements(),
+                    client_params={"client_encoding": "UTF8"}, take_token=lambda: tokens.pop() if tokens else False)
+    attach(c, query("begin"))
+    c.to_backend.clear()
+    assert c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0) == KEEP
+    batch = parse(b"", "select 1") + bind(b"") + execute() + SYNC
+    assert c.feed_client(query("select 2") + batch, 3.0) == NEED_TOKEN
+    assert not c.to_backend  # nothing of it goes before its token
+    c.token_granted(waited=False)
+    assert c.resume(3.0) == NEED_TOKEN  # the Query went; the Execute waits for its own
+    assert take(c.to_backend) == query("select 2") + parse(b"", "select 1") + bind(b"")
+    c.token_granted(waited=False)
+    assert c.resume(3.0) == PROCEED
+    assert take(c.to_backend) == execute() + SYNC
+
+
+def test_with_a_backend_attached_take_overs_are_still_seen():
+    c = core()
+    attach(c, query("begin"))
+    c.to_backend.clear()
+    assert c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0) == KEEP
+    c.feed_client(parse(b"s1", "select 1") + SYNC, 3.0)  # a named statement of the client's
+    assert messages(take(c.to_backend)) == [b"P", b"S"]
+    c.feed_backend(PARSE_DONE + ready(b"T"), 3.5)
+    take(c.to_client)
+    # DEALLOCATE of it is O7s's business even mid-transaction (the server knows it by another name).
+    assert c.feed_client(query("deallocate s1"), 4.0) == PROCEED
+    assert b"s1" not in bytes(c.to_backend)

@@ -44,6 +44,10 @@ _COPY_MESSAGES = frozenset(b"dcf")
 _FRONTEND = frozenset(b"QPBEDCSHFXdcf")
 _STATEMENT = ord("S")
 _DESCRIBE_KINDS = frozenset(b"SP")  # a prepared statement, a portal
+# Messages whose routing is only forwarding while `_plain_backend` says so; a Query or an unnamed Parse
+# too unless its text starts like one O7s takes over (LISTEN, UNLISTEN, DEALLOCATE).
+_PLAIN = frozenset(b"BEDS")
+_TAKEN_OVER_FIRST = LISTEN_FIRST | DEALLOCATE_FIRST
 
 # Client messages larger than this pass through to the backend as they arrive rather than being
 # buffered whole (PostgreSQL itself caps a message at 1 GiB; `max_message` caps it here).
@@ -147,6 +151,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         pos = self._cpos
         out = self.to_backend
         end_of_data = len(buf)
+        backend = self._plain_backend()
         while True:
             avail = end_of_data - pos
             if self._stream_left:
@@ -189,16 +194,40 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
                 pos = self._cpos
                 if action is not PROCEED:
                     return action
+                backend = self._plain_backend()
+                continue
+            if backend is not None and (t in _PLAIN or (stop - pos > 7 and (
+                    (t == _QUERY and buf[pos + 5] not in _TAKEN_OVER_FIRST)
+                    or (t == _PARSE and not buf[pos + 5] and buf[pos + 6] not in LISTEN_FIRST)))):
+                # What `_message` would decide for it, in short: nothing is taken over, waits, or is skipped.
+                if (t == _EXECUTE or t == _QUERY) and not self._granted and not self.take_token():
+                    self._cpos = pos
+                    return NEED_TOKEN
+                self._granted = self._routed = self._lazy_sync = False
+                self._forward(backend, t, pos, stop, now)
+                pos = stop
+                if t == _SYNC or t == _QUERY:  # either may leave notifications to wait for
+                    backend = self._plain_backend()
                 continue
             self._cpos = pos
             action = self._message(t, pos, stop, now)
             if action is not PROCEED:
                 return action
             pos = self._cpos = stop
+            backend = self._plain_backend()
         self._cpos = pos
         if self.listens.queue and self.idle():
             self.listens.take(self.to_client)
         return PROCEED
+
+    def _plain_backend(self) -> BackendState | None:
+        """The backend, when nothing makes the next message's routing more than forwarding it there
+        (`resume` then skips `_message`): no batch to skip or answered here, no LISTEN statement to take
+        over, no notification to wait for, no pin. Else None."""
+        if (self.skip_until_sync or self._local_batch or self._listen_statements or self._listen_unnamed
+                or self._notify_ends or self.barrier_wanted or self.pinned):
+            return None
+        return self.backend
 
     def _message(self, t: int, s: int, e: int, now: float) -> int:
         """One whole client message at buf[s:e]. PROCEED once it is handled; else the shell's turn
