@@ -1,4 +1,4 @@
-"""`python -m loadtest compare | sweep | report | pgbench` — see loadtest/README.md."""
+"""`python -m loadtest compare | sweep | report | pgbench | core` — see loadtest/README.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadtest import bench, infra, pgbench, report
+from loadtest import bench, core_bench, infra, pgbench, report
 
 
 def _mix(s: str) -> dict:
@@ -181,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     pb = sub.add_parser("pgbench", help="pgbench -S against direct, PgBouncer, a bare trio relay and O7s; "
                                           "proxy CPU per transaction; writes PGBENCH.md")
     pgbench.add_arguments(pb)
+    cb = sub.add_parser("core", help="the sans-IO session core alone, µs per pgbench -S transaction (no sockets)")
+    core_bench.add_arguments(cb)
     a = ap.parse_args(argv)
     if a.cmd == "pgbench":
         return pgbench.main(a)
+    if a.cmd == "core":
+        return core_bench.main(a)
     if a.cmd == "compare":
         return compare(a)
     if a.cmd == "sweep":
