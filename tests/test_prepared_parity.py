@@ -196,7 +196,7 @@ def _result(res: pq.abc.PGresult) -> tuple[str, bytes | None, bytes | None]:
 def bad_then_good(dsn: str, autocommit: bool) -> list[object]:
     """psycopg preparing everything (`_pg3_N`): a query the server cannot parse, good ones, a pipeline whose
     first statement fails; then the names psycopg gave them used again, and a name of the client's own
-    refused, then parsed again."""
+    refused, then parsed again, then parsed once more under the name it now has."""
     with psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10) as conn:
         conn.prepare_threshold = 0
         out: list[object] = []
@@ -222,13 +222,15 @@ def bad_then_good(dsn: str, autocommit: bool) -> list[object]:
         out.append(_result(pg.describe_prepared(b"mine")))
         out.append(_result(pg.prepare(b"mine", b"SELECT 7")))
         out.append(_result(pg.exec_prepared(b"mine", [])))
+        out.append(_result(pg.prepare(b"mine", b"SELECT 8")))  # a name in use: 42P05
+        out.append(_result(pg.exec_prepared(b"mine", [])))     # still the first text
         return out
 
 
 @pytest.mark.parametrize("autocommit", [False, True], ids=["in-a-transaction", "autocommit"])
 def test_psycopg_after_a_statement_the_server_cannot_prepare(one_org, parity_proxy, autocommit):
     direct = bad_then_good(one_org.backend_dsn, autocommit)
-    assert direct[0] == "42601" and direct[5] == "22012", direct  # the harness
+    assert direct[0] == "42601" and direct[5] == "22012" and direct[-2][1] == b"42P05", direct  # the harness
     names = [r[1] for r in direct[6:6 + PSYCOPG_NAMES]]
     assert names[0] == b"26000" and names.count(b"22012") == 1 and names.count(b"26000") >= 3, direct
     assert bad_then_good(parity_proxy.dsn(one_org), autocommit) == direct

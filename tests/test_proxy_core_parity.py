@@ -449,3 +449,36 @@ def test_a_statement_answered_here_whose_text_the_server_cannot_parse_is_gone_af
     assert c.statements.get(b"s1") is None
     attach(c, bind(b"s1") + execute() + SYNC, backend)
     assert take(c.to_backend) == bind(b"s1") + execute() + SYNC  # the server's own 26000
+
+
+# --- a Parse of a name already in use ------------------------------------------------------------
+
+
+def test_a_parse_of_a_name_in_use_is_refused_as_postgresql_refuses_it_and_its_batch_skipped():
+    c = core()
+    assert c.feed_client(parse(b"s1", "select 1") + SYNC, 1.0) == PROCEED  # answered here, no backend
+    assert messages(take(c.to_client)) == [b"1", b"Z"]
+    # Without a backend: answered here too.
+    assert c.feed_client(parse(b"s1", "select 2") + bind(b"s1") + execute() + SYNC, 2.0) == PROCEED
+    out = take(c.to_client)
+    assert messages(out) == [b"E", b"Z"] and error_code(out) == "42P05"
+    assert b'prepared statement "s1" already exists' in out
+    assert c.statements.get(b"s1").parse_rest.startswith(b"select 1") and c.counters.errors == 1
+    # With a backend attached in mid-batch: the messages before it went to the server, its Sync goes too.
+    backend = attach(c, bind(b"s1") + execute() + parse(b"s1", "select 3") + bind(b"s1") + execute() + SYNC)
+    key = key_of("select 1")
+    assert take(c.to_backend) == parse(key, "select 1") + bind(key) + execute() + SYNC
+    out = released(c, PARSE_DONE + BIND_DONE + complete("SELECT 1") + ready())
+    assert messages(out) == [b"2", b"C", b"E", b"Z"] and error_code(out) == "42P05"
+    assert key in backend.prepared and c.statements.get(b"s1").key == key
+
+
+def test_inside_a_transaction_block_a_parse_of_a_name_in_use_replaces_it():
+    c = core()
+    backend = in_transaction(c)
+    c.feed_client(parse(b"s1", "select 1") + SYNC, 1.0)
+    c.feed_backend(PARSE_DONE + ready(b"T"), 2.0)
+    take(c.to_backend), take(c.to_client)
+    c.feed_client(parse(b"s1", "select 2") + SYNC, 3.0)  # the known difference: PostgreSQL says 42P05
+    assert take(c.to_backend) == parse(key_of("select 2"), "select 2") + SYNC
+    assert c.statements.get(b"s1").key == key_of("select 2") and key_of("select 1") in backend.prepared

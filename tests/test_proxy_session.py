@@ -584,3 +584,15 @@ def test_with_a_backend_attached_take_overs_are_still_seen():
     # DEALLOCATE of it is O7s's business even mid-transaction (the server knows it by another name).
     assert c.feed_client(query("deallocate s1"), 4.0) == PROCEED
     assert b"s1" not in bytes(c.to_backend)
+
+
+@pytest.mark.parametrize("with_backend", [False, True])
+def test_an_empty_parse_is_a_protocol_violation(with_backend):
+    c = core()
+    if with_backend:
+        attach(c, query("begin"))
+        c.feed_backend(complete("BEGIN") + ready(b"T"), 2.0)
+    with pytest.raises(ProtocolViolation):  # not an IndexError (the fuzz test found one)
+        c.feed_client(msg(b"P") + SYNC, 3.0)
+        c.attached(BackendState())
+        c.resume(3.0)

@@ -12,6 +12,7 @@ TOO_MANY_CONNECTIONS = "53300"
 LOGIN_BLOCKED = "08004"               # the login breaker: server rejected the connection (see the README)
 CONFIGURATION_LIMIT_EXCEEDED = "53400"  # query rate: refused after the longest wait (limits.py)
 PROGRAM_LIMIT_EXCEEDED = "54000"      # too many named prepared statements on one connection
+DUPLICATE_PREPARED_STATEMENT = "42P05"  # a Parse of a statement name the client already uses
 POOL_TIMEOUT = "53P01"                # O7s-specific class 53 code: no backend connection free in time
 ADMIN_SHUTDOWN = "57P01"
 QUERY_CANCELED = "57014"

@@ -33,6 +33,9 @@ from o7s_cluster.proxy.statements import (
     statement_key,
 )
 
+if TYPE_CHECKING:
+    from o7s_cluster.proxy.relay import Counters
+
 MAX_NAMED_PARSE = 1 << 20        # transaction mode keeps a named statement's text to prepare it anywhere
 SYNTAX_ERROR = "42601"           # a text the server can never prepare, on any backend
 _CLOSE = ord("C")
@@ -57,6 +60,8 @@ class NamedStatements:
     _cbuf: bytearray
     _lazy_sync: bool
     _held: int
+    counters: Counters
+    tx_status: bytes
 
     if TYPE_CHECKING:  # the core's own
         def _note_state(self, sql: bytes | bytearray) -> None: ...
@@ -93,7 +98,24 @@ class NamedStatements:
         else:
             self.owed.append(p)
 
+    def _refused_as_duplicate(self, name: bytes) -> bool:
+        """A Parse of a name the client already uses is refused as PostgreSQL refuses it (42P05), and the
+        rest of its batch is skipped (O7s owns the names in transaction mode: the server never sees it).
+        Not inside a transaction block, where PostgreSQL's error would also abort the server's transaction,
+        which an answer of O7s's cannot do: there the new text replaces the old (a known difference)."""
+        if self.tx_status != b"I" or self.statements.get(name) is None:
+            return False
+        self.counters.errors += 1
+        self._fake(ClientError(codes.DUPLICATE_PREPARED_STATEMENT,
+                               f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
+                               fatal=False).to_bytes())
+        self.skip_until_sync = True
+        self._sync_to_backend = self.backend is not None and self.unsynced
+        return True
+
     def _parse_named(self, backend: BackendState, name: bytes, rest: bytes) -> None:
+        if self._refused_as_duplicate(name):
+            return
         if self.statements.full(name):
             raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
                               f"too many prepared statements (limit {MAX_PREPARED_PER_CLIENT} per connection)")
@@ -131,9 +153,11 @@ class NamedStatements:
             self.owed.append(owed.HIDDEN_CLOSE)
 
     def _parse_locally(self, s: int, e: int) -> bool:
-        if not self._cbuf[s + 5]:
-            return False  # the unnamed statement is the server's business
+        if s + 5 < e and not self._cbuf[s + 5]:
+            return False  # the unnamed statement is the server's business (an empty Parse is refused below)
         name, rest = m.split_parse(bytes(self._cbuf[s + 5:e]))
+        if self._refused_as_duplicate(name):
+            return True
         if len(rest) > MAX_NAMED_PARSE:
             raise ClientError(codes.PROGRAM_LIMIT_EXCEEDED,
                               f"prepared statement text too long (limit {MAX_NAMED_PARSE} bytes)")

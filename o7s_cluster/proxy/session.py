@@ -206,8 +206,8 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
                 self._granted = self._routed = self._lazy_sync = False
                 self._forward(backend, t, pos, stop, now)
                 pos = stop
-                if t == _SYNC or t == _QUERY:  # either may leave notifications to wait for
-                    backend = self._plain_backend()
+                if (t == _SYNC or t == _QUERY) and self._notify_ends:  # the next one waits for their end
+                    backend = None
                 continue
             self._cpos = pos
             action = self._message(t, pos, stop, now)
@@ -224,10 +224,11 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         """The backend, when nothing makes the next message's routing more than forwarding it there
         (`resume` then skips `_message`): no batch to skip or answered here, no LISTEN statement to take
         over, no notification to wait for, no pin. Else None."""
-        if (self.skip_until_sync or self._local_batch or self._listen_statements or self._listen_unnamed
-                or self._notify_ends or self.barrier_wanted or self.pinned):
+        backend = self.backend
+        if (backend is None or self.skip_until_sync or self._local_batch or self._listen_statements
+                or self._listen_unnamed or self._notify_ends or self.barrier_wanted or self.pinned):
             return None
-        return self.backend
+        return backend
 
     def _message(self, t: int, s: int, e: int, now: float) -> int:
         """One whole client message at buf[s:e]. PROCEED once it is handled; else the shell's turn
@@ -486,7 +487,7 @@ class SessionCore(NamedStatements, Listening, BackendRelay):
         elif t == _PARSE:
             self.unsynced = True
             if self.transaction_mode:
-                if buf[s + 5]:
+                if e > s + 5 and buf[s + 5]:
                     name, rest = m.split_parse(bytes(buf[s + 5:e]))
                     self._parse_named(backend, name, rest)
                     return
